@@ -1,0 +1,1 @@
+"""ONNX export of hyperquant checkpoints (imported as hyperquant.exporters)."""

@@ -1,0 +1,84 @@
+"""Finding the FFN linears of a transformers model, by architecture, and swapping modules."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from hyperquant.errors import HyperquantError
+
+# The FFN projections of each architecture family. Attention, embeddings and the LM head never match.
+_LLAMA_LIKE = r"\.mlp\.(gate_proj|up_proj|down_proj)$"
+FFN_PATTERNS: dict[str, str] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")},
+    "gpt2": r"\.mlp\.(c_fc|c_proj)$",
+    "opt": r"\.layers\.\d+\.(fc1|fc2)$",
+    "bert": r"\.layer\.\d+\.(intermediate\.dense|output\.dense)$",
+    "roberta": r"\.layer\.\d+\.(intermediate\.dense|output\.dense)$",
+    "gpt_neox": r"\.mlp\.(dense_h_to_4h|dense_4h_to_h)$",
+}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # GPT-2's Conv1D stores its weight as (in, out); recognized by name to avoid importing its module.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a transformers Conv1D."""
+    return module.weight.detach().T if is_conv1d(module) else module.weight.detach()
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def ffn_patterns(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FFN_PATTERNS:
+        return [FFN_PATTERNS[model_type]]
+    return sorted(set(FFN_PATTERNS.values()))
+
+
+def find_ffn_linears(
+    model: nn.Module, patterns: list[str] | None = None, min_features: int = 0
+) -> dict[str, nn.Module]:
+    """Name -> module for the linears to compress, in module order."""
+    regexes = [re.compile(p) for p in (patterns or ffn_patterns(model))]
+    found = {}
+    for name, module in model.named_modules():
+        if not _is_linear(module) or not any(r.search("." + name) for r in regexes):
+            continue
+        out_f, in_f = linear_weight(module).shape
+        if min(out_f, in_f) >= min_features:
+            found[name] = module
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise HyperquantError(
+            f"no FFN linears found in this {model_type} model; pass target_patterns (regexes on module names)"
+        )
+    return found
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+_BLOCK_RE = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def block_index(name: str) -> tuple[str, int]:
+    """'model.layers.3.mlp.up_proj' -> ('model.layers', 3): the ModuleList and the block's index."""
+    m = _BLOCK_RE.match(name)
+    if m is None:
+        raise HyperquantError(f"module {name!r} is not inside a list of transformer blocks")
+    return m.group(1), int(m.group(2))

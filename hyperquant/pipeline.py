@@ -1,0 +1,216 @@
+"""`compress(model, config)`: sequential, block-by-block calibration and layer replacement.
+
+Each transformer block is calibrated on the outputs of the already-compressed blocks before it (as GPTQ
+does), so later layers see, and fit against, the errors of earlier ones. Within a block, layers that
+share an input (gate/up) are compressed together, then the block is re-run to collect the inputs of
+the next group (down) when ``true_sequential``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from hyperquant.config import CompressConfig
+from hyperquant.convert import block_index, find_ffn_linears, linear_weight, set_module
+from hyperquant.errors import HyperquantError
+from hyperquant.layer_compress import compress_linear
+from hyperquant.phm.layer import check_phm_shape
+
+FORMAT_VERSION = 1
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _batches(calib_inputs, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    if isinstance(calib_inputs, torch.Tensor):
+        if calib_inputs.ndim != 2 or calib_inputs.shape[0] == 0:
+            raise HyperquantError("calibration input_ids must be a non-empty (samples, seq_len) tensor")
+        return [{"input_ids": calib_inputs[i : i + batch_size]} for i in range(0, len(calib_inputs), batch_size)]
+    batches = list(calib_inputs)
+    if not batches:
+        raise HyperquantError("calibration data is empty; give at least one sample of text")
+    return batches
+
+
+def _call_model(model: nn.Module, batch: dict) -> None:
+    try:
+        model(**batch, use_cache=False)
+    except TypeError:  # encoders that take no use_cache
+        model(**batch)
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> list[tuple]:
+    """(args, kwargs) with which the model calls its first block, one per batch."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                _call_model(model, batch)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    """Run ``block`` on each captured call; return the calls the next block will receive."""
+    outputs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        outputs.append(((hidden, *args[1:]), kwargs))
+    return outputs
+
+
+class _InputStats:
+    """Accumulates sum_t x_t x_t^T (float64) of a linear's input, and which tensor fed it."""
+
+    def __init__(self, in_features: int) -> None:
+        self.cov = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.tokens = 0
+        self.source_ptr: int | None = None
+
+    def __call__(self, _module, args) -> None:
+        x = args[0].detach()
+        if self.source_ptr is None:
+            self.source_ptr = x.data_ptr()
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.cov += (x.T @ x).double()  # per-batch fp32 sums, accumulated in fp64
+        self.tokens += x.shape[0]
+
+
+def _validate_targets(targets: dict[str, nn.Module], cfg: CompressConfig) -> None:
+    for name, module in targets.items():
+        out_f, in_f = linear_weight(module).shape
+        if cfg.n > 1:
+            try:
+                check_phm_shape(in_f, out_f, cfg.n, cfg.bases_for(name))
+            except ValueError as e:
+                raise HyperquantError(f"layer {name}: {e}") from None
+
+
+def _round_rest(model: nn.Module, compressed: set[str], dtype_name: str) -> None:
+    """Round the weights hyperquant leaves alone to their storage dtype, so the in-memory model is
+    exactly the one `hyperquant.load` rebuilds."""
+    if dtype_name == "float32":
+        return
+    dtype = getattr(torch, dtype_name)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner in compressed or not param.is_floating_point():
+                continue
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    calib_inputs: torch.Tensor | Iterable[dict] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> nn.Module:
+    """Compress the FFN linears of ``model`` in place, as ``config`` says; return the model.
+
+    ``calib_inputs``: token ids (samples, seq_len) or an iterable of model-input dicts; needed for GPTQ
+    and for the activation-aware PHM fit. The per-layer log is at ``model.hyperquant_log``.
+    """
+    model.eval()
+    targets = find_ffn_linears(model, config.target_patterns, config.min_features)
+    _validate_targets(targets, config)
+    log: list[dict] = []
+    start = time.perf_counter()
+    with torch.no_grad(), _progress(progress) as bar:
+        if config.needs_calibration:
+            if calib_inputs is None:
+                raise HyperquantError(
+                    "this configuration needs calibration data (GPTQ or activation-aware PHM); "
+                    "pass calib_inputs, or use method='rtn' with init='frobenius'"
+                )
+            _compress_sequential(model, targets, config, _batches(calib_inputs, batch_size), log, bar)
+        else:
+            task = bar.add_task("compressing layers", total=len(targets)) if bar else None
+            for name, module in targets.items():
+                new, record = compress_linear(name, module, config, None)
+                set_module(model, name, new)
+                log.append(record)
+                if bar:
+                    bar.advance(task)
+    _round_rest(model, set(targets), config.rest_dtype)
+    model.config.hyperquant = {
+        "format_version": FORMAT_VERSION,
+        "compress_config": config.to_dict(),
+        "compress_time_s": time.perf_counter() - start,
+    }
+    model.hyperquant_log = log
+    return model
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False) as bar:
+        yield bar
+
+
+def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
+    by_block: dict[int, list[str]] = {}
+    list_name = None
+    for name in targets:
+        list_name_i, idx = block_index(name)
+        if list_name not in (None, list_name_i):
+            raise HyperquantError(f"target layers lie in two block lists ({list_name}, {list_name_i})")
+        list_name = list_name_i
+        by_block.setdefault(idx, []).append(name)
+    blocks = model.get_submodule(list_name)
+    inputs = _capture_block_inputs(model, blocks[0], batches)
+    last = max(by_block)
+    block_task = bar.add_task("calibrating blocks", total=last + 1) if bar else None
+    layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
+    for idx in range(last + 1):
+        block = blocks[idx]
+        pending = list(by_block.get(idx, []))
+        while pending:
+            stats = {name: _InputStats(linear_weight(targets[name]).shape[1]) for name in pending}
+            handles = [targets[n].register_forward_pre_hook(stats[n]) for n in pending]
+            try:
+                _run_block(block, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            if cfg.true_sequential:
+                first = stats[pending[0]].source_ptr
+                group = [n for n in pending if stats[n].source_ptr == first]
+            else:
+                group = pending
+            for name in group:
+                if stats[name].tokens == 0:
+                    raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
+                new, record = compress_linear(name, targets[name], cfg, stats[name].cov)
+                record["block"], record["calib_tokens"] = idx, stats[name].tokens
+                set_module(model, name, new)
+                log.append(record)
+                if bar:
+                    bar.update(layer_task, advance=1, description=f"quantizing {name}")
+            pending = [n for n in pending if n not in group]
+        if idx < last:
+            inputs = _run_block(block, inputs)
+        if bar:
+            bar.advance(block_task)
