@@ -1,8 +1,9 @@
 """Perplexity of a causal LM on a token stream.
 
-Protocol: the stream is cut into windows of ``context`` tokens starting every ``stride`` tokens; every
-token after the first is predicted exactly once, by the window that ends nearest after it (with
-stride == context, non-overlapping windows). Perplexity = exp(mean negative log-likelihood).
+Protocol: the stream is cut into windows of ``context`` tokens starting every ``stride`` tokens. Each
+window scores the tokens that no earlier window scored; a window's first token has no context and is
+never scored, so with stride == context (non-overlapping windows) each window scores context - 1
+tokens. Perplexity = exp(mean negative log-likelihood over the scored tokens).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityPr
         window = ids[:, begin:end]
         logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
         targets = window[0, 1:]
-        first = scored_until - begin - 1  # position in `targets` of the first not-yet-scored token
+        first = max(scored_until - begin - 1, 0)  # position in `targets` of the first unscored token
         losses = nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
         nll_sum += float(losses)
         count += targets.numel() - first

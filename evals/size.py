@@ -51,7 +51,7 @@ def model_size(model: nn.Module, rest_bytes_per_param: int | None = None, ffn_na
     attention's score/value products depend on the context and are left out.
     """
     if ffn_names is None:
-        ffn_names = list(find_ffn_linears(model, patterns=_compressed_or_default_patterns(model)))
+        ffn_names = list(find_ffn_linears(model, _compressed_or_default_patterns(model), extra_types=_COMPRESSED))
     ffn = {name: model.get_submodule(name) for name in ffn_names}
     seen: set[int] = set()
     total_params = total_bytes = 0

@@ -146,8 +146,11 @@ def read_hyperquant_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the compressed model of a checkpoint folder, ready for inference (eval mode)."""
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild the compressed model of a checkpoint folder, in float32, ready for inference (eval mode).
+
+    Packed codes, fp16 scales and zero points stay as stored (a blanket `.to(dtype)` would widen the
+    scales); float weights stored in `rest_dtype` are widened to float32."""
     import transformers
     from transformers import AutoConfig
 
@@ -178,4 +181,4 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Mo
                               f"unexpected {unexpected[:3]}); the checkpoint is from another version or damaged")
     model.tie_weights()
     model.config.hyperquant = {k: v for k, v in section.items() if k != "layers"}
-    return model.to(dtype).eval()
+    return model.eval()

@@ -48,15 +48,22 @@ def ffn_patterns(model: nn.Module) -> list[str]:
 
 
 def find_ffn_linears(
-    model: nn.Module, patterns: list[str] | None = None, min_features: int = 0
+    model: nn.Module, patterns: list[str] | None = None, min_features: int = 0,
+    extra_types: tuple[type, ...] = (),
 ) -> dict[str, nn.Module]:
-    """Name -> module for the linears to compress, in module order."""
+    """Name -> module for the linears to compress, in module order.
+
+    ``extra_types``: also match these (already compressed) module types, which carry in/out_features.
+    """
     regexes = [re.compile(p) for p in (patterns or ffn_patterns(model))]
     found = {}
     for name, module in model.named_modules():
-        if not _is_linear(module) or not any(r.search("." + name) for r in regexes):
+        if not (_is_linear(module) or isinstance(module, extra_types)):
             continue
-        out_f, in_f = linear_weight(module).shape
+        if not any(r.search("." + name) for r in regexes):
+            continue
+        out_f, in_f = (module.out_features, module.in_features) if isinstance(module, extra_types) \
+            else linear_weight(module).shape
         if min(out_f, in_f) >= min_features:
             found[name] = module
     if not found:

@@ -91,7 +91,9 @@ class _InputStats:
         self.tokens += x.shape[0]
 
 
-def _validate_targets(targets: dict[str, nn.Module], cfg: CompressConfig) -> None:
+def compress_targets(model: nn.Module, cfg: CompressConfig) -> dict[str, nn.Module]:
+    """The linears ``cfg`` selects, checked to be compressible with its n and B."""
+    targets = find_ffn_linears(model, cfg.target_patterns, cfg.min_features)
     for name, module in targets.items():
         out_f, in_f = linear_weight(module).shape
         if cfg.n > 1:
@@ -99,6 +101,7 @@ def _validate_targets(targets: dict[str, nn.Module], cfg: CompressConfig) -> Non
                 check_phm_shape(in_f, out_f, cfg.n, cfg.bases_for(name))
             except ValueError as e:
                 raise HyperquantError(f"layer {name}: {e}") from None
+    return targets
 
 
 def _round_rest(model: nn.Module, compressed: set[str], dtype_name: str) -> None:
@@ -128,8 +131,7 @@ def compress(
     and for the activation-aware PHM fit. The per-layer log is at ``model.hyperquant_log``.
     """
     model.eval()
-    targets = find_ffn_linears(model, config.target_patterns, config.min_features)
-    _validate_targets(targets, config)
+    targets = compress_targets(model, config)
     log: list[dict] = []
     start = time.perf_counter()
     with torch.no_grad(), _progress(progress) as bar:

@@ -54,7 +54,7 @@ def gptq_quantize(
     act_order: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
-    max_damp_tries: int = 6,
+    max_damp_tries: int = 10,
 ) -> GPTQResult:
     w_orig = weight.detach().double()
     rows, cols = w_orig.shape

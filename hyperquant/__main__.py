@@ -1,0 +1,3 @@
+from hyperquant.cli import main
+
+main()

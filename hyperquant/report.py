@@ -1,0 +1,78 @@
+"""Human-readable summaries of a compression run (Markdown and terminal tables)."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def fmt_ppl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+SUMMARY_COLUMNS = ["model", "bytes", "FFN bytes", "bits/FFN weight", "params", "MACs/token", "perplexity"]
+
+
+def summary_rows(rows: list[dict]) -> list[list[str]]:
+    """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells."""
+    return [
+        [
+            r["label"],
+            human_bytes(r["size"]["bytes"]),
+            human_bytes(r["size"]["ffn_bytes"]),
+            f"{r['size']['ffn_bits_per_weight']:.2f}",
+            f"{r['size']['params'] / 1e6:.1f} M",
+            f"{r['size']['macs_per_token'] / 1e6:.1f} M",
+            fmt_ppl(r.get("perplexity")),
+        ]
+        for r in rows
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def layer_error_summary(log: list[dict]) -> dict:
+    """Means over layers of the relative errors in the per-layer log (those that are present)."""
+    keys = ["weight_error_frobenius", "output_error_frobenius", "output_error_activation", "quant_error",
+            "quant_error_rtn", "output_error"]
+    return {k: statistics.fmean(r[k] for r in log if k in r) for k in keys if any(k in r for r in log)}
+
+
+def compress_report_md(source: str, config: dict, rows: list[dict], log: list[dict], protocol: dict | None,
+                       seconds: float) -> str:
+    parts = [
+        "# hyperquant compression report",
+        "",
+        f"Source model: {source}",
+        "",
+        markdown_table(SUMMARY_COLUMNS, summary_rows(rows)),
+        "",
+        "Bytes: the weights as stored (original: fp32; compressed: model.safetensors, packed codes + fp16 "
+        "scales + zero points, other weights in " + config["rest_dtype"] + "). MACs/token: every linear layer.",
+    ]
+    if protocol:
+        parts.append(
+            f"Perplexity: {protocol['num_tokens']} tokens of held-out Wikipedia text (or the given file), "
+            f"context {protocol['context']}, stride {protocol['stride']}."
+        )
+    parts += ["", f"Compression took {seconds:.1f} s.", "", "## Settings", "", "```",
+              *(f"{k}: {v}" for k, v in config.items()), "```", "", "## Mean relative errors over layers", ""]
+    summary = layer_error_summary(log)
+    parts.append(markdown_table(["error", "mean"], [[k, f"{v:.4g}"] for k, v in summary.items()]))
+    parts += ["", "Output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2 on the calibration inputs; "
+              "quant_error is relative to the float layer being quantized (quant_error_rtn: RTN on the same "
+              "weights and Hessian). Per-layer values: quant_log.json.", ""]
+    return "\n".join(parts)

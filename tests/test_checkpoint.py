@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from hyperquant import CompressConfig, HyperquantError, compress, load, save_compressed
+from hyperquant.checkpoint import atomic_output_dir
+from hyperquant.evals import model_size
+from hyperquant.evals.size import dtype_bytes
+from tests.conftest import tiny_llama
+
+CONFIGS = {
+    "dense-gptq4": CompressConfig(bits=4, n=1, group_size=16),
+    "phm-gptq3": CompressConfig(bits=3, n=2, num_bases=2, group_size=16),
+    "phm-n4-rtn2-sym": CompressConfig(bits=2, n=4, num_bases=2, method="rtn", symmetric=True, group_size=16),
+    "phm-learned-8": CompressConfig(bits=8, n=2, num_bases=3, learn_bases=True, group_size=32),
+    "phm-float": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius", rest_dtype="float32"),
+    "phm-bf16-rest": CompressConfig(bits=4, n=2, num_bases=2, group_size=16, rest_dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_round_trip_logits_are_identical(name, tmp_path):
+    cfg = CONFIGS[name]
+    ids = torch.randint(0, 128, (4, 24))
+    model = compress(tiny_llama(), cfg, ids, progress=False)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_compressed(model, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    layers = config["hyperquant"]["layers"]
+    assert len(layers) == 6 and "quantization_config" not in config
+    assert all(spec["bits"] == cfg.bits for spec in layers.values())
+    log = json.loads((tmp_path / "ckpt" / "quant_log.json").read_text())
+    assert sorted(r["name"] for r in log) == sorted(layers)
+
+
+def test_stored_bytes_are_the_counted_bytes(tmp_path):
+    model = compress(tiny_llama(), CONFIGS["phm-gptq3"], torch.randint(0, 128, (4, 24)), progress=False)
+    save_compressed(model, tmp_path / "ckpt")
+    size = model_size(model, rest_bytes_per_param=dtype_bytes("float16"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert stored == size["bytes"]
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_size - stored < 20_000  # header only
+
+
+def test_existing_output_is_never_overwritten_silently(tmp_path):
+    model = compress(tiny_llama(), CONFIGS["phm-float"], progress=False)
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(HyperquantError, match="--overwrite"):
+        save_compressed(model, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    save_compressed(model, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path):
+    model = compress(tiny_llama(), CONFIGS["phm-float"], progress=False)
+
+    def interrupt(_folder):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_compressed(model, tmp_path / "ckpt", extra_files=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path):
+    with atomic_output_dir(tmp_path / "x", overwrite=False) as tmp:
+        (tmp / "a").write_text("1")
+        assert not (tmp_path / "x").exists()
+    assert (tmp_path / "x" / "a").read_text() == "1"
+
+
+def test_load_rejects_foreign_and_future_folders(tmp_path):
+    with pytest.raises(HyperquantError, match="no config.json"):
+        load(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(HyperquantError, match="not a hyperquant checkpoint"):
+        load(tmp_path / "plain")
+    model = compress(tiny_llama(), CONFIGS["phm-float"], progress=False)
+    save_compressed(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["hyperquant"]["format_version"] = 99
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HyperquantError, match="format 99"):
+        load(tmp_path / "ckpt")

@@ -1,0 +1,96 @@
+"""The CLI end to end on a tiny local model folder, and its error paths."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hyperquant.cli import app
+
+runner = CliRunner()
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-tokens", "256", "--group-size", "16"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, message):
+    """Exit code 2, the error is the last line and a single line, and no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert "Traceback" not in result.output and sum(line.startswith("error") for line in lines) == 1
+
+
+def test_compress_eval_info(tiny_model_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    result = run("compress", tiny_model_dir, "--bits", "4", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "model.safetensors", "quant_log.json", "report.md", "summary.json",
+                 "tokenizer.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][1]["size"]["bytes"] < summary["rows"][0]["size"]["bytes"]
+    assert "perplexity" in (out / "report.md").read_text()
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    result = run("eval", out, "--text", text, "--context", "64", "--stride", "32", "--no-latency")
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("perplexity: ") and float(last.split()[1]) > 1
+
+    result = run("info", out)
+    assert result.exit_code == 0 and "phm" in result.output
+
+    # An existing output needs --overwrite; with it, the folder is replaced.
+    assert_one_line_error(run("compress", tiny_model_dir, "--out", out, *FAST), "--overwrite")
+    result = run("compress", tiny_model_dir, "--out", out, "--method", "rtn", "--n", "1", "--overwrite", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["hyperquant"]["compress_config"]["n"] == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bits", "5"], "bits=5 is not supported"),
+        (["--group-size", "100"], "power of two"),
+        (["--n", "3"], "n=3 must divide"),
+        (["--method", "awq"], "method='awq'"),
+        (["--bases", "9"], "number of bases 9"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_and_write_nothing(tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "never"
+    result = run("compress", tiny_model_dir, "--out", out, *FAST, *args)
+    assert_one_line_error(result, message)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_paths_and_text(tiny_model_dir, tmp_path):
+    cases = [
+        (["compress", tmp_path / "nope", "--out", tmp_path / "o"], "does not exist"),
+        (["compress", tmp_path, "--out", tmp_path / "o"], "no config.json"),
+        (["eval", tmp_path / "nope"], "does not exist"),
+        (["info", tmp_path], "not a hyperquant checkpoint"),
+    ]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    cases.append((["compress", tiny_model_dir, "--calib-text", empty, "--out", tmp_path / "o", *FAST], "is empty"))
+    cases.append((["eval", tiny_model_dir, "--text", empty, "--no-latency"], "is empty"))
+    for args, message in cases:
+        assert_one_line_error(run(*args), message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_compress_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
+    import hyperquant.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hyperquant.pipeline, "compress", interrupted)
+    result = run("compress", tiny_model_dir, "--out", tmp_path / "o", *FAST)
+    assert result.exit_code != 0
+    assert list(tmp_path.iterdir()) == []
