@@ -10,6 +10,7 @@ from hyperquant.quant.packing import SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn")
 INITS = ("activation", "frobenius")
+FIT_TARGETS = ("original", "current")
 REST_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -34,6 +35,9 @@ class CompressConfig:
     learn_bases: bool = False
     init: str = "activation"  # activation-aware least squares (needs calibration) or Frobenius projection
     ridge: float = 1e-4  # relative ridge of the activation-aware fit
+    # Activation-aware target: "original" = the uncompressed model's layer output at the same token
+    # (also corrects upstream errors); "current" = W applied to the layer's current, compressed-upstream input.
+    fit_target: str = "original"
     group_size: int = 128
     symmetric: bool = False
     act_order: bool = True
@@ -52,6 +56,8 @@ class CompressConfig:
             raise ConfigError(f"method={self.method!r} is not supported; use one of {list(METHODS)}")
         if self.init not in INITS:
             raise ConfigError(f"init={self.init!r} is not supported; use one of {list(INITS)}")
+        if self.fit_target not in FIT_TARGETS:
+            raise ConfigError(f"fit_target={self.fit_target!r} is not supported; use one of {list(FIT_TARGETS)}")
         if self.rest_dtype not in REST_DTYPES:
             raise ConfigError(f"rest_dtype={self.rest_dtype!r} is not supported; use one of {list(REST_DTYPES)}")
         if self.n < 1:
@@ -80,6 +86,10 @@ class CompressConfig:
     def needs_calibration(self) -> bool:
         quantizes_with_gptq = self.bits is not None and self.method == "gptq"
         return quantizes_with_gptq or (self.n > 1 and self.init == "activation")
+
+    @property
+    def fits_original_outputs(self) -> bool:
+        return self.n > 1 and self.init == "activation" and self.fit_target == "original"
 
     def bases_for(self, module_name: str) -> int:
         for pattern, b in self.layer_bases.items():

@@ -17,6 +17,7 @@ from hyperquant.phm.projection import (
     mixed_hessian,
     project_activation_aware,
     project_fixed,
+    relative_error_to_original,
     relative_output_error,
     relative_weight_error,
 )
@@ -42,12 +43,16 @@ def _quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, cfg: CompressC
 
 
 def compress_linear(
-    name: str, module: nn.Module, cfg: CompressConfig, input_cov: torch.Tensor | None
+    name: str, module: nn.Module, cfg: CompressConfig, input_cov: torch.Tensor | None,
+    cross_cov: torch.Tensor | None = None, original_cov: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict]:
     """Return the replacement of ``module`` and a log record.
 
     ``input_cov`` is sum_t x_t x_t^T over the calibration tokens this layer sees (None without
-    calibration). Errors are relative: output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2.
+    calibration); ``cross_cov`` = sum_t x_t xo_t^T and ``original_cov`` = sum_t xo_t xo_t^T pair them with
+    the inputs xo_t of the uncompressed model, when the fit targets its outputs. Errors are relative:
+    output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2; "..._to_original" ones compare
+    with W xo_t instead.
     """
     start = time.perf_counter()
     weight = linear_weight(module).float()
@@ -72,7 +77,7 @@ def compress_linear(
         if input_cov is not None:
             record["output_error_frobenius"] = relative_output_error(weight, frobenius, input_cov)
         if cfg.init == "activation":
-            factors = project_activation_aware(weight, bases, input_cov, cfg.ridge)
+            factors = project_activation_aware(weight, bases, input_cov, cfg.ridge, cross_cov)
             fitted = kron_weight(bases, factors)
             record["weight_error_activation"] = relative_weight_error(weight, fitted)
             record["output_error_activation"] = relative_output_error(weight, fitted, input_cov)
@@ -90,5 +95,8 @@ def compress_linear(
             new = QuantPHMLinear.from_quantized(_quantize(a_cat, hz, cfg, record), bases, in_f, bias)
     if input_cov is not None:
         record["output_error"] = relative_output_error(weight, new.effective_weight(), input_cov)
+    if cross_cov is not None:
+        record["output_error_to_original"] = relative_error_to_original(
+            weight, new.effective_weight(), input_cov, cross_cov, original_cov)
     record["time_s"] = time.perf_counter() - start
     return new.to(module.weight.device), record

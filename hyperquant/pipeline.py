@@ -9,6 +9,7 @@ the next group (down) when ``true_sequential``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterable
 
@@ -74,21 +75,61 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
     return outputs
 
 
-class _InputStats:
-    """Accumulates sum_t x_t x_t^T (float64) of a linear's input, and which tensor fed it."""
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).float()
 
-    def __init__(self, in_features: int) -> None:
+
+class _InputStats:
+    """Accumulates sum_t x_t x_t^T (float64) of a linear's input, and which tensor fed it.
+
+    With ``original_inputs`` (the inputs the uncompressed model gave this layer, one tensor per batch,
+    in the same order) it also accumulates sum_t x_t xo_t^T and sum_t xo_t xo_t^T.
+    """
+
+    def __init__(self, in_features: int, original_inputs: list[torch.Tensor] | None = None) -> None:
         self.cov = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.original_inputs = original_inputs
+        if original_inputs is not None:
+            self.cross_cov = torch.zeros_like(self.cov)
+            self.original_cov = torch.zeros_like(self.cov)
         self.tokens = 0
+        self.calls = 0
         self.source_ptr: int | None = None
 
     def __call__(self, _module, args) -> None:
-        x = args[0].detach()
         if self.source_ptr is None:
-            self.source_ptr = x.data_ptr()
-        x = x.reshape(-1, x.shape[-1]).float()
+            self.source_ptr = args[0].data_ptr()
+        x = _flat(args[0])
         self.cov += (x.T @ x).double()  # per-batch fp32 sums, accumulated in fp64
+        if self.original_inputs is not None:
+            xo = self.original_inputs[self.calls]
+            self.cross_cov += (x.T @ xo).double()
+            self.original_cov += (xo.T @ xo).double()
         self.tokens += x.shape[0]
+        self.calls += 1
+
+    def compress_kwargs(self) -> dict:
+        if self.original_inputs is None:
+            return {"input_cov": self.cov}
+        return {"input_cov": self.cov, "cross_cov": self.cross_cov, "original_cov": self.original_cov}
+
+
+def _run_original_block(block: nn.Module, names: list[str], prefix: str, inputs: list[tuple]):
+    """Run an untouched copy of ``block`` on the original model's stream; return the next block's
+    original inputs and, per target, the inputs it received (one flattened tensor per batch)."""
+    original = copy.deepcopy(block)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        original.get_submodule(name[len(prefix):]).register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(_flat(args[0])))
+        for name in names
+    ]
+    try:
+        next_inputs = _run_block(original, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return next_inputs, seen
 
 
 def compress_targets(model: nn.Module, cfg: CompressConfig) -> dict[str, nn.Module]:
@@ -183,14 +224,19 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
         by_block.setdefault(idx, []).append(name)
     blocks = model.get_submodule(list_name)
     inputs = _capture_block_inputs(model, blocks[0], batches)
+    original_inputs = inputs if cfg.fits_original_outputs else None
     last = max(by_block)
     block_task = bar.add_task("calibrating blocks", total=last + 1) if bar else None
     layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
     for idx in range(last + 1):
         block = blocks[idx]
         pending = list(by_block.get(idx, []))
+        seen_original = {}
+        if original_inputs is not None:
+            original_inputs, seen_original = _run_original_block(block, pending, f"{list_name}.{idx}.", original_inputs)
         while pending:
-            stats = {name: _InputStats(linear_weight(targets[name]).shape[1]) for name in pending}
+            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], seen_original.get(name))
+                     for name in pending}
             handles = [targets[n].register_forward_pre_hook(stats[n]) for n in pending]
             try:
                 _run_block(block, inputs)
@@ -205,7 +251,7 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
             for name in group:
                 if stats[name].tokens == 0:
                     raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
-                new, record = compress_linear(name, targets[name], cfg, stats[name].cov)
+                new, record = compress_linear(name, targets[name], cfg, **stats[name].compress_kwargs())
                 record["block"], record["calib_tokens"] = idx, stats[name].tokens
                 set_module(model, name, new)
                 log.append(record)

@@ -127,3 +127,22 @@ def test_n_that_does_not_divide_is_a_clear_error_before_any_change():
 def test_calibration_is_required_for_gptq():
     with pytest.raises(HyperquantError, match="calibration"):
         compress(_llama(), CompressConfig(bits=4), progress=False)
+
+
+def test_fit_to_original_outputs_only_differs_downstream_of_the_first_compressed_layer():
+    ids = torch.randint(0, 128, (4, 16))
+    models = {}
+    for target in ("original", "current"):
+        torch.manual_seed(1)
+        model = _llama()
+        compress(model, CompressConfig(bits=None, n=2, num_bases=2, fit_target=target, rest_dtype="float32"),
+                 ids, progress=False)
+        models[target] = model
+    first = [m.model.layers[0].mlp for m in models.values()]
+    # Block 0's gate/up see the same inputs in both streams: identical fits. Later layers do not.
+    assert torch.allclose(first[0].up_proj.factors, first[1].up_proj.factors, atol=1e-6)
+    last = [m.model.layers[1].mlp.down_proj.factors for m in models.values()]
+    assert not torch.allclose(last[0], last[1], atol=1e-4)
+    log = {r["name"]: r for r in models["original"].hyperquant_log}
+    down = log["model.layers.1.mlp.down_proj"]
+    assert 0 <= down["output_error_to_original"] and "output_error_to_original" not in models["current"].hyperquant_log[-1]

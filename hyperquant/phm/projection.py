@@ -68,19 +68,29 @@ def mixed_hessian(bases: torch.Tensor, input_cov: torch.Tensor) -> torch.Tensor:
 
 
 def project_activation_aware(
-    weight: torch.Tensor, bases: torch.Tensor, input_cov: torch.Tensor, ridge: float = 1e-4
+    weight: torch.Tensor,
+    bases: torch.Tensor,
+    input_cov: torch.Tensor,
+    ridge: float = 1e-4,
+    cross_cov: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Factors minimizing the layer's output error on calibration inputs, sum_t ||W x_t - phm(x_t)||^2.
 
     With z_{t,i} the mixed inputs and y_{t,i} = W_i x_t the dense outputs of block-row i, this is
     ridge least squares A_cat = (sum y z^T)(Z^T Z + lam I)^-1, and every sum reduces to S = sum x x^T.
     ``ridge`` is relative to the mean diagonal of Z^T Z.
+
+    ``cross_cov`` = sum_t x_t xo_t^T changes the target to W xo_t, the output the *original* model
+    computes from its own input xo_t at the same token, so that the fit also undoes the errors that
+    earlier compressed layers left in x_t.
     """
     num_bases, n, _ = bases.shape
     out_f, in_f = weight.shape
     hz = mixed_hessian(bases, input_cov)
-    # sum_t z_{t,i} y_{t,i}^T = sum_i M_i S W_i^T; S W^T has blocks [j, q, i, p].
-    sw = (input_cov.double() @ weight.double().T).reshape(n, in_f // n, n, out_f // n)
+    # sum_t z_{t,i} y_{t,i}^T = sum_i M_i C W_i^T with C = sum_t x_t (target input)_t^T; C W^T has
+    # blocks [j, q, i, p].
+    target_cov = input_cov if cross_cov is None else cross_cov
+    sw = (target_cov.double() @ weight.double().T).reshape(n, in_f // n, n, out_f // n)
     zy = torch.einsum("bij,jqip->bqp", bases.double(), sw).reshape(num_bases * in_f // n, out_f // n)
     lam = ridge * hz.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(hz.shape[0], dtype=hz.dtype)
@@ -95,6 +105,18 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Te
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Tensor) -> float:
     return output_error(weight, approx, input_cov) / max(quadratic_form(weight, input_cov), 1e-30)
+
+
+def relative_error_to_original(
+    weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Tensor, cross_cov: torch.Tensor,
+    original_cov: torch.Tensor,
+) -> float:
+    """sum_t ||W xo_t - W' x_t||^2 / sum_t ||W xo_t||^2 from the three second moments of (x, xo)."""
+    w, a = weight.double(), approx.double()
+    reference = quadratic_form(w, original_cov)
+    cross = float(torch.einsum("oi,ij,oj->", a, cross_cov.double(), w))
+    err = reference - 2 * cross + quadratic_form(a, input_cov)
+    return err / max(reference, 1e-30)
 
 
 def relative_weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

@@ -109,3 +109,22 @@ def test_activation_aware_from_dense_matches_measured_outputs():
     measured = ((x @ weight.T - layer(x)) ** 2).sum() / ((x @ weight.T) ** 2).sum()
     predicted = relative_output_error(weight, layer.effective_weight(), x.T @ x)
     assert abs(measured.item() - predicted) < 1e-9
+
+
+def test_fit_to_original_outputs_equals_token_level_least_squares():
+    from hyperquant.phm.projection import relative_error_to_original
+
+    bases = fixed_bases(2, 2, torch.float64)
+    weight = torch.randn(6, 10, dtype=torch.float64)
+    original = _correlated_inputs(200, 10)
+    current = original + 0.3 * torch.randn(200, 10, dtype=torch.float64)  # upstream errors
+    factors = project_activation_aware(weight, bases, current.T @ current, ridge=0.0,
+                                       cross_cov=current.T @ original)
+    z = mix_inputs(current, bases).reshape(-1, 10)
+    y = (original @ weight.T).reshape(-1, 3)
+    assert torch.allclose(factors_to_cat(factors), torch.linalg.lstsq(z, y).solution.T, atol=1e-8)
+    approx = kron_weight(bases, factors)
+    measured = ((original @ weight.T - current @ approx.T) ** 2).sum() / ((original @ weight.T) ** 2).sum()
+    predicted = relative_error_to_original(weight, approx, current.T @ current, current.T @ original,
+                                           original.T @ original)
+    assert abs(measured.item() - predicted) < 1e-9

@@ -1,0 +1,190 @@
+"""TrainConfig: the typed, validated configuration of a progressive PHM training run (YAML-loadable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hyperquant.config import ConfigError
+from hyperquant.quant.packing import SUPPORTED_BITS
+
+ALPHA_SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TEACHERS = ("self", "separate", "none")
+EXPORT_METHODS = ("gptq", "rtn")
+CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+INITS = ("activation", "frobenius")
+REST_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `hyperquant.train.train` does. Steps count optimizer steps (after accumulation).
+
+    Stage A: each FFN linear computes y = (1 - alpha) dense(x) + alpha phm(x), alpha rising from 0 to 1
+    over ``fade_steps`` (per layer, staggered bottom-up by ``stagger``). Stage B, from ``stage_b_step``:
+    the dense branches are dropped and only the PHM layers remain. QAT fake-quantizes A_cat from
+    ``qat_start_step``. At the end the factors are quantized (``export_method``) and saved.
+    """
+
+    # data and optimization
+    seq_len: int = 256
+    train_samples: int = 256  # calibration-split sequences of seq_len tokens used as training text
+    data_seed: int = 0
+    per_device_batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_steps: int = 200
+    seed: int = 0
+    lr: float = 2e-4
+    lora_lr: float | None = None  # None = lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    mixed_precision: str = "no"  # "bf16" / "fp16" where the accelerator supports it
+    # PHM
+    n: int = 2
+    num_bases: int = 2
+    layer_bases: dict[str, int] = field(default_factory=dict)  # regex on module name -> B (first match wins)
+    init: str = "activation"
+    init_samples: int = 16  # calibration sequences for the activation-aware init (and export Hessians)
+    ridge: float = 1e-4
+    target_patterns: list[str] | None = None
+    train_bias: bool = True
+    # residual interpolation
+    alpha_schedule: str = "linear"
+    fade_steps: int = 100
+    stagger: float = 0.0  # 0: all layers fade together; s in (0, 1): layer l starts at s * fade * l / (L - 1)
+    stage_b_step: int | None = None  # drop the dense branches at this step; None = fade_steps
+    # losses
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 4.0
+    kd_ramp: bool = True  # lambda_KD scaled by the mean alpha of the PHM layers
+    teacher: str = "self"  # "self": the same model at alpha=0 (Stage A only); "separate": a frozen copy
+    recon_weight: float = 0.0
+    recon_relative: bool = True  # ||phm(x) - dense(x)||^2 / ||dense(x)||^2 instead of the plain mean square
+    # QAT on A_cat and export
+    qat_start_step: int | None = None  # None = no QAT
+    bits: int | None = 4  # bits of QAT and of the exported factors; None = export float PHM layers
+    group_size: int = 128
+    symmetric: bool = False
+    qat_learn_scales: bool = False
+    export_method: str = "gptq"
+    rest_dtype: str = "float16"
+    # capacity assignment (Fisher)
+    capacity: str = "none"
+    capacity_budget: float | None = None  # mean number of bases per FFN linear; None = num_bases + 1/3
+    capacity_topk: int | None = None  # the paper's rule: these many most sensitive layers get B = num_bases + 1
+    capacity_samples: int = 8
+    capacity_max_bases: int | None = None  # None = num_bases + 1
+    # LoRA on attention
+    lora_r: int = 0  # 0 = no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    lora_include_o: bool = False
+    # runner
+    output_dir: str = "hyperquant-train"
+    save_every: int = 50  # 0 = only the final checkpoint
+    resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
+    eval_every: int = 50  # 0 = only at the end
+    eval_tokens: int = 2048
+    eval_context: int = 512
+    eval_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    progress: bool = True
+    num_threads: int | None = None  # torch.set_num_threads for this process; None = leave as is
+    export: bool = True
+    overwrite: bool = True  # replace output_dir/final if it exists
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise ConfigError(message)
+
+        positive = ("seq_len", "train_samples", "per_device_batch_size", "grad_accum_steps", "max_steps",
+                    "init_samples", "capacity_samples", "eval_tokens", "eval_context")
+        for name in positive:
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
+        need(self.seq_len >= 8, "seq_len must be >= 8")
+        need(self.lr > 0 and (self.lora_lr is None or self.lora_lr > 0), "lr and lora_lr must be > 0")
+        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("alpha_schedule", ALPHA_SCHEDULES),
+                              ("teacher", TEACHERS), ("export_method", EXPORT_METHODS),
+                              ("capacity", CAPACITY_METHODS), ("mixed_precision", MIXED_PRECISION),
+                              ("init", INITS), ("rest_dtype", REST_DTYPES)):
+            need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} must be one of {list(allowed)}")
+        need(self.n >= 2, f"n={self.n} must be >= 2 (training targets PHM layers)")
+        for b in [self.num_bases, *self.layer_bases.values()]:
+            need(isinstance(b, int) and 1 <= b <= self.n * self.n, f"number of bases {b} must be in [1, {self.n**2}]")
+        for pattern in [*self.layer_bases, *(self.target_patterns or [])]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"invalid module-name pattern {pattern!r}: {e}") from None
+        need(self.fade_steps >= 0, "fade_steps must be >= 0")
+        need(0.0 <= self.stagger < 1.0, f"stagger={self.stagger} must be in [0, 1)")
+        if self.stage_b_step is not None:
+            need(self.stage_b_step >= self.fade_steps,
+                 f"stage_b_step={self.stage_b_step} must be >= fade_steps={self.fade_steps} (alpha must reach 1)")
+        need(self.ce_weight >= 0 and self.kd_weight >= 0 and self.recon_weight >= 0, "loss weights must be >= 0")
+        need(self.ce_weight + self.kd_weight + self.recon_weight > 0, "at least one loss weight must be > 0")
+        need(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
+        need(self.kd_temperature > 0, "kd_temperature must be > 0")
+        if self.bits is not None:
+            need(self.bits in SUPPORTED_BITS, f"bits={self.bits} must be one of {list(SUPPORTED_BITS)} or null")
+        gs = self.group_size
+        need(gs >= 16 and not gs & (gs - 1), f"group_size={gs} must be a power of two >= 16")
+        if self.qat_start_step is not None:
+            need(self.bits is not None, "QAT needs bits (2, 3, 4 or 8)")
+            need(0 <= self.qat_start_step <= self.max_steps, "qat_start_step must be in [0, max_steps]")
+        need(not self.qat_learn_scales or self.qat_start_step is not None, "qat_learn_scales needs qat_start_step")
+        need(self.ridge >= 0, "ridge must be >= 0")
+        if self.capacity_budget is not None:
+            need(1 <= self.capacity_budget <= self.n * self.n, "capacity_budget (mean bases per layer) must be in [1, n^2]")
+        if self.capacity_max_bases is not None:
+            need(1 <= self.capacity_max_bases <= self.n * self.n, "capacity_max_bases must be in [1, n^2]")
+        if self.capacity_topk is not None:
+            need(self.capacity_topk >= 0, "capacity_topk must be >= 0")
+        need(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
+        need(bool(self.lora_targets) or self.lora_r == 0, "lora_targets must not be empty")
+        need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1 or null")
+        need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0")
+        need(all(0.0 <= a <= 1.0 for a in self.eval_alphas), "eval_alphas must lie in [0, 1]")
+
+    @property
+    def stage_b(self) -> int:
+        return self.fade_steps if self.stage_b_step is None else self.stage_b_step
+
+    def lora_modules(self) -> list[str]:
+        return list(self.lora_targets) + (["o_proj"] if self.lora_include_o and "o_proj" not in self.lora_targets else [])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of option: value")
+        return cls.from_dict(data)

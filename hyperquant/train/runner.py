@@ -1,0 +1,442 @@
+"""`train(model, TrainConfig)`: progressive PHM training on accelerate, resumable, then export.
+
+One optimizer step consumes a global batch of per_device_batch_size x processes x grad_accum_steps
+sequences; which sequences is a function of the step alone (a seeded permutation per epoch), so a
+resumed run, or a run on more processes with a smaller per-device batch, sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hyperquant.convert import find_ffn_linears, linear_weight, set_module
+from hyperquant.errors import HyperquantError
+from hyperquant.train.capacity import CapacityPlan, assign_capacity
+from hyperquant.train.config import TrainConfig
+from hyperquant.train.export import finalize
+from hyperquant.train.interp import (
+    block_of,
+    drop_dense,
+    fixed_alpha,
+    has_dense,
+    interpolated_layers,
+    reconstruction_loss,
+    set_alphas,
+    wrap_linear,
+)
+from hyperquant.train.lora import adapters_disabled, add_lora
+from hyperquant.train.losses import causal_lm_loss, kd_loss
+
+CSV_FIELDS = ["step", "stage", "mean_alpha", "lr", "loss", "ce", "kd", "recon", "lambda_kd", "qat", "tokens",
+              "time_s"]
+KEEP_CHECKPOINTS = 2
+
+
+# ----------------------------------------------------------------------------------------------- model
+def bases_for(cfg: TrainConfig, layer_bases: dict[str, int], name: str) -> int:
+    for pattern, b in layer_bases.items():
+        if re.search(pattern, name):
+            return b
+    return cfg.num_bases
+
+
+@torch.no_grad()
+def dense_input_covs(model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor,
+                     batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """sum_t x x^T of each target's input in the dense model: the inputs the PHM layers see at alpha = 0."""
+    covs = {name: torch.zeros(linear_weight(m).shape[1], linear_weight(m).shape[1], dtype=torch.float64)
+            for name, m in targets.items()}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            covs[name] += (x.T @ x).double().cpu()
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
+    try:
+        for i in range(0, len(ids), batch_size):
+            model(input_ids=ids[i : i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return covs
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int],
+                  init_ids: torch.Tensor | None) -> list[str]:
+    """In place: wrap each FFN linear (PHM branch initialized from the dense weight), add LoRA, and set
+    which parameters train. Returns the wrapped layer names."""
+    targets = find_ffn_linears(model, cfg.target_patterns)
+    covs = dense_input_covs(model, targets, init_ids) if cfg.init == "activation" and init_ids is not None else {}
+    quant = None
+    if cfg.qat_start_step is not None:
+        quant = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                 "learn_scales": cfg.qat_learn_scales}
+    for name, module in targets.items():
+        b = bases_for(cfg, layer_bases, name)
+        try:
+            wrapper = wrap_linear(module, cfg.n, b, covs.get(name), cfg.ridge, quant, block_of(name))
+        except ValueError as e:
+            raise HyperquantError(f"layer {name}: {e}") from None
+        wrapper.track_recon = cfg.recon_weight > 0
+        wrapper.recon_relative = cfg.recon_relative
+        set_module(model, name, wrapper)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in interpolated_layers(model).values():
+        m.phm.factors.requires_grad_(True)
+        if m.phm.bias is not None:
+            m.phm.bias.requires_grad_(cfg.train_bias)
+        if m.quantizer is not None and m.quantizer.learn_scales:
+            m.quantizer.scales.requires_grad_(True)
+    if cfg.lora_r > 0:
+        added = add_lora(model, cfg.lora_modules(), cfg.lora_r, cfg.lora_alpha)
+        if not added:
+            raise HyperquantError(f"no attention linears match lora_targets={cfg.lora_modules()}")
+    return list(targets)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a training checkpoint stores: the trained parameters and the QAT state (the rest is rebuilt)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k in names or ".quantizer." in k}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def global_batch_rows(step: int, global_batch: int, num_rows: int, seed: int) -> list[int]:
+    """Row indices of the global batch of optimizer step ``step`` (epochs reshuffled with seed + epoch)."""
+    rows = []
+    for i in range(step * global_batch, (step + 1) * global_batch):
+        epoch, pos = divmod(i, num_rows)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        rows.append(int(perm[pos]))
+    return rows
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.lr_schedule == "linear":
+        return 1.0 - t
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / "checkpoints"
+    found = sorted(folder.glob("step-*/state.pt")) if folder.is_dir() else []
+    return found[-1].parent if found else None
+
+
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict) -> Path:
+    folder = output_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step-{step:07d}"
+    tmp = folder / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+               tmp / "state.pt")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- logs
+class RunLog:
+    """metrics.csv and metrics.jsonl (one row per optimizer step) and eval.jsonl, appended across resumes."""
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.csv_path, self.jsonl_path = output_dir / "metrics.csv", output_dir / "metrics.jsonl"
+        self.eval_path = output_dir / "eval.jsonl"
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for path in (self.csv_path, self.jsonl_path, self.eval_path):
+                self._truncate(path, resume_step)
+
+    @staticmethod
+    def _truncate(path: Path, resume_step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from (a crashed run may have logged them)."""
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        if path.suffix == ".csv":
+            kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) <= resume_step]
+        else:
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def step(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def evaluation(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.eval_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validation_perplexity(model: nn.Module, eval_ids: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+    """Perplexity at each of cfg.eval_alphas (only alpha = 1 once the dense branches are gone)."""
+    from hyperquant.evals import PerplexityProtocol, perplexity
+
+    context = min(cfg.eval_context, len(eval_ids))
+    protocol = PerplexityProtocol(context=context, stride=context, num_tokens=len(eval_ids))
+    was_training = model.training
+    model.eval()
+    alphas = list(cfg.eval_alphas) if has_dense(model) else [1.0]
+    result = {}
+    try:
+        for a in alphas:
+            with fixed_alpha(model, a):
+                result[f"{a:g}"] = perplexity(model, eval_ids, protocol)["perplexity"]
+    finally:
+        model.train(was_training)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise HyperquantError("mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    # Layers at alpha = 0 (or before QAT's learned scales start) give some parameters no gradient.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # cpu=True without CUDA: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
+    return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
+
+
+def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
+          eval_ids: torch.Tensor | None = None, stop_after: int | None = None) -> dict:
+    """Train the PHM replacement of ``model_dir``'s FFNs (None = the embedded default model) and export it.
+
+    Writes to cfg.output_dir: checkpoints/step-N (resumable), metrics.csv/.jsonl, eval.jsonl,
+    capacity.json/.md (when capacity != none), summary.json and final/ (a `hyperquant.load`-able
+    checkpoint, when cfg.export). ``train_ids`` (rows of seq_len tokens) and ``eval_ids`` (1-D) replace
+    the default Wikipedia calibration/evaluation text. ``stop_after``: leave after this many optimizer steps
+    with a checkpoint (a time-limited job; run again with resume to continue). Returns the summary dict."""
+    from hyperquant.data import calibration_ids, eval_tokens
+    from hyperquant.models import load_model, resolve_source
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    output_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    source = resolve_source(model_dir)
+    model, tokenizer = load_model(source)
+    if train_ids is None:
+        train_ids = calibration_ids(tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
+    train_ids = train_ids[:, : cfg.seq_len]
+    if eval_ids is None:
+        eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
+    eval_ids = eval_ids[: cfg.eval_tokens]
+
+    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
+    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt is not None else None
+    start_step = state["step"] if state else 0
+
+    # capacity: Fisher on the dense model, B per layer (kept from the checkpoint on resume)
+    layer_bases = dict(cfg.layer_bases)
+    plan: CapacityPlan | None = None
+    if state is not None:
+        layer_bases = state["layer_bases"]
+    elif cfg.capacity != "none":
+        plan = assign_capacity(model, train_ids[: cfg.capacity_samples], cfg.n, cfg.num_bases, cfg.capacity,
+                               cfg.capacity_budget, cfg.capacity_topk, cfg.capacity_max_bases, cfg.bits,
+                               cfg.group_size, cfg.symmetric, cfg.target_patterns)
+        layer_bases = {**plan.layer_bases, **layer_bases}
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "capacity.json").write_text(json.dumps(plan.to_dict(), indent=2))
+            (output_dir / "capacity.md").write_text(plan.table() + "\n")
+
+    teacher = None
+    if cfg.teacher == "separate" and cfg.kd_weight > 0:
+        teacher = load_model(source)[0].eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    init_ids = None if state is not None else train_ids[: cfg.init_samples]
+    prepare_model(model, cfg, layer_bases, init_ids)
+    if state is not None:
+        if start_step >= cfg.stage_b:
+            drop_dense(model)
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise HyperquantError(f"checkpoint {ckpt} does not match this configuration (unexpected {unexpected[:3]})")
+        torch.set_rng_state(state["torch_rng"])
+    model.train()
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if "lora_" not in n], "lr": cfg.lr}]
+    lora_params = [p for n, p in trainable if "lora_" in n]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": cfg.lora_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    history = list(state.get("history", [])) if state else []
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(wrapped)
+
+    log = RunLog(output_dir, main, start_step)
+    global_batch = cfg.per_device_batch_size * world * cfg.grad_accum_steps
+    bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
+    if start_step == 0 and main and cfg.eval_every:
+        row = {"step": 0, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
+        log.evaluation(row)
+        history.append(row)
+    t0 = time.perf_counter()
+    step = start_step
+    end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+    for step in range(start_step, end_step):
+        if step >= cfg.stage_b and has_dense(unwrapped):
+            drop_dense(unwrapped)
+        qat_on = cfg.qat_start_step is not None and step >= cfg.qat_start_step
+        if qat_on:
+            for m in interpolated_layers(unwrapped).values():
+                if not bool(m.quantizer.enabled):
+                    m.quantizer.enable(m.phm.a_cat.detach())
+        # optimizer step s trains at the schedule's value after s + 1 steps: alpha = 1 after fade_steps
+        mean_alpha = set_alphas(unwrapped, step + 1, cfg.fade_steps, cfg.alpha_schedule, cfg.stagger)
+        dense_alive = has_dense(unwrapped)
+        kd_available = cfg.kd_weight > 0 and (teacher is not None or (cfg.teacher == "self" and dense_alive))
+        lambda_kd = cfg.kd_weight * (mean_alpha if cfg.kd_ramp else 1.0) if kd_available else 0.0
+        rows = global_batch_rows(step, global_batch, len(train_ids), cfg.data_seed)
+        sums = torch.zeros(4)  # loss, ce, kd, recon (means over micro-batches)
+        for micro in range(cfg.grad_accum_steps):
+            first = (micro * world + accelerator.process_index) * cfg.per_device_batch_size
+            batch = train_ids[rows[first : first + cfg.per_device_batch_size]].to(accelerator.device)
+            last = micro == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(wrapped)
+            with sync:
+                teacher_logits = None
+                if lambda_kd > 0:
+                    with torch.no_grad(), accelerator.autocast():
+                        if teacher is not None:
+                            teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+                        else:
+                            with fixed_alpha(unwrapped, 0.0), adapters_disabled(unwrapped):
+                                teacher_logits = unwrapped(input_ids=batch, use_cache=False).logits
+                with accelerator.autocast():
+                    logits = wrapped(input_ids=batch, use_cache=False).logits
+                ce = causal_lm_loss(logits, batch, cfg.label_smoothing)
+                loss = cfg.ce_weight * ce
+                kd = kd_loss(logits, teacher_logits, cfg.kd_temperature) if teacher_logits is not None else None
+                if kd is not None:
+                    loss = loss + lambda_kd * kd
+                recon = reconstruction_loss(unwrapped) if cfg.recon_weight > 0 else None
+                if recon is not None:
+                    loss = loss + cfg.recon_weight * recon
+                if loss.requires_grad:  # False only while every layer is still at alpha = 0 without recon
+                    accelerator.backward(loss / cfg.grad_accum_steps)
+            sums += torch.tensor([float(loss.detach()), float(ce.detach()),
+                                  float(kd.detach()) if kd is not None else 0.0,
+                                  float(recon.detach()) if recon is not None else 0.0]) / cfg.grad_accum_steps
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        means = accelerator.reduce(sums.to(accelerator.device), reduction="mean").cpu()
+        row = {"step": step + 1, "stage": "A" if dense_alive else "B", "mean_alpha": round(mean_alpha, 6),
+               "lr": scheduler.get_last_lr()[0], "loss": float(means[0]), "ce": float(means[1]),
+               "kd": float(means[2]), "recon": float(means[3]), "lambda_kd": lambda_kd, "qat": qat_on,
+               "tokens": (step + 1) * global_batch * cfg.seq_len, "time_s": time.perf_counter() - t0}
+        log.step(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", alpha=f"{mean_alpha:.2f}", stage=row["stage"])
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and main:
+            ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
+            log.evaluation(ev)
+            history.append(ev)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            if main:
+                save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
+                                {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+            accelerator.wait_for_everyone()
+    if bar is not None:
+        bar.close()
+    if end_step < cfg.max_steps:
+        if main and end_step > start_step:
+            save_checkpoint(output_dir, end_step, unwrapped, optimizer, scheduler,
+                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+        accelerator.wait_for_everyone()
+        return {"steps": end_step, "stopped": True, "processes": world, "layer_bases": layer_bases,
+                "output_dir": str(output_dir), "train_time_s": time.perf_counter() - t0}
+    done = cfg.max_steps
+    if done >= cfg.stage_b and has_dense(unwrapped):
+        drop_dense(unwrapped)
+    summary: dict = {"steps": done, "processes": world, "train_time_s": time.perf_counter() - t0,
+                     "layer_bases": layer_bases, "output_dir": str(output_dir)}
+    if main:
+        if done > start_step or state is None:
+            save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
+                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+        ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
+        log.evaluation(ev)
+        history.append(ev)
+        summary["eval"] = history
+        if plan is not None:
+            summary["capacity"] = {"method": plan.method, "total_params": plan.total_params,
+                                   "total_bytes": plan.total_bytes}
+        if cfg.export:
+            from hyperquant.checkpoint import save_compressed
+
+            final = finalize(unwrapped, cfg, train_ids[: cfg.init_samples],
+                             {"steps": done, "final_eval": ev["ppl"]})
+            summary["exported_ppl"] = validation_perplexity(final, eval_ids, cfg)["1"]
+            summary["final_dir"] = str(save_compressed(final, output_dir / "final", tokenizer,
+                                                       overwrite=cfg.overwrite))
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary

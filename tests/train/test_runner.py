@@ -1,0 +1,135 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hyperquant
+from hyperquant.config import ConfigError
+from hyperquant.train import TrainConfig, train, train_command
+from hyperquant.train.runner import global_batch_rows
+
+BASE = dict(seq_len=32, train_samples=16, per_device_batch_size=2, max_steps=6, fade_steps=2, stage_b_step=4,
+            warmup_steps=1, init_samples=4, group_size=16, eval_every=0, eval_tokens=128, eval_context=64,
+            progress=False, export=False, save_every=3, num_threads=1)
+
+
+def _state(folder, step):
+    return torch.load(folder / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=False)["model"]
+
+
+def _losses(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ConfigError):
+        TrainConfig(stagger=1.5)
+    with pytest.raises(ConfigError):
+        TrainConfig(fade_steps=10, stage_b_step=5)
+    with pytest.raises(ConfigError):
+        TrainConfig(bits=5)
+    with pytest.raises(ConfigError):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    (tmp_path / "t.yaml").write_text("max_steps: 7\nlayer_bases: {'layers\\.0\\.': 3}\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
+    assert cfg.max_steps == 7 and cfg.layer_bases == {r"layers\.0\.": 3}
+
+
+def test_global_batches_do_not_depend_on_the_process_split():
+    rows = [global_batch_rows(s, 4, 10, 0) for s in range(5)]
+    flat = [r for batch in rows for r in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    cfg = TrainConfig(**BASE, qat_start_step=2, qat_learn_scales=True, recon_weight=0.5, lora_r=2,
+                      output_dir=str(tmp_path / "full"))
+    train(str(tiny_model_dir), cfg)
+    part = cfg.replace(output_dir=str(tmp_path / "part"))
+    stopped = train(str(tiny_model_dir), part, stop_after=3)
+    assert stopped["stopped"] and stopped["steps"] == 3
+    assert len(_losses(tmp_path / "part")) == 3
+    train(str(tiny_model_dir), part)  # resumes from step 3: QAT on, Stage B at 4
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["stage"] for r in resumed] == ["A", "A", "A", "A", "B", "B"]
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-5, abs=1e-7)
+    sa, sb = _state(tmp_path / "full", 6), _state(tmp_path / "part", 6)
+    assert sa.keys() == sb.keys() and any("quantizer.scales" in k for k in sa) and any("lora_A" in k for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
+    cfg = TrainConfig(**{**BASE, "export": True, "save_every": 0}, qat_start_step=3, export_method=method,
+                      rest_dtype="float32", output_dir=str(tmp_path / "run"), lora_r=2)
+    summary = train(str(tiny_model_dir), cfg)
+    loaded = hyperquant.load(summary["final_dir"])
+    section = loaded.config.hyperquant
+    assert section["compress_config"]["bits"] == 4 and section["train_config"]["max_steps"] == 6
+    mlp = loaded.model.layers[0].mlp
+    assert isinstance(mlp.up_proj, hyperquant.QuantPHMLinear) and mlp.up_proj.bits == 4
+    assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # LoRA merged
+    from hyperquant.data import eval_tokens
+    from hyperquant.evals import PerplexityProtocol, perplexity
+    from transformers import AutoTokenizer
+
+    ev = eval_tokens(AutoTokenizer.from_pretrained(tiny_model_dir), 128)
+    ppl = perplexity(loaded, ev, PerplexityProtocol(context=64, stride=64, num_tokens=128))["perplexity"]
+    assert ppl == pytest.approx(summary["exported_ppl"], rel=1e-5)
+    if method == "rtn":  # the QAT forward is exactly the exported quantized model
+        assert summary["eval"][-1]["ppl"]["1"] == pytest.approx(summary["exported_ppl"], rel=1e-4)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,stage,mean_alpha") and len(rows) == 7
+
+
+def test_train_command_with_yaml_and_capacity(tiny_model_dir, tmp_path):
+    (tmp_path / "train.yaml").write_text(
+        "\n".join(f"{k}: {json.dumps(v)}" for k, v in {**BASE, "max_steps": 2, "stage_b_step": 2,
+                                                       "capacity": "topk", "capacity_topk": 2,
+                                                       "capacity_samples": 2, "eval_every": 1}.items()))
+    summary = train_command(str(tiny_model_dir), tmp_path / "train.yaml", output_dir=str(tmp_path / "o"),
+                            print_summary=True)
+    plan = json.loads((tmp_path / "o" / "capacity.json").read_text())
+    assert sum(r["bases"] == 3 for r in plan["layers"]) == 2
+    assert sorted(summary["layer_bases"].values()).count(3) == 2
+    evals = [json.loads(line) for line in (tmp_path / "o" / "eval.jsonl").read_text().splitlines()]
+    assert set(evals[0]["ppl"]) == {"0", "0.25", "0.5", "0.75", "1"}  # step 0: all alphas
+    assert set(evals[-1]["ppl"]) == {"1"}  # after Stage B only the PHM model remains
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
+    common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "lora_r": 2}
+    one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
+    train(str(tiny_model_dir), one)
+    (tmp_path / "two.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
+                                                 {**common, "output_dir": str(tmp_path / "two")}.items()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "hyperquant.train", str(tiny_model_dir),
+           "--config", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    a, b = _state(tmp_path / "one", 3), _state(tmp_path / "two", 3)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    for x, y in zip(la, lb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
