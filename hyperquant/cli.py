@@ -1,4 +1,4 @@
-"""The `hyperquant` command line: compress, eval, info."""
+"""The `hyperquant` command line: compress, eval, info, export."""
 
 from __future__ import annotations
 
@@ -216,6 +216,24 @@ def info(folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folde
         kinds[key] = kinds.get(key, 0) + 1
     _print_table(["kind", "n", "B", "bits", "group", "shape (out x in)", "layers"],
                  [[str(c) for c in (*k, v)] for k, v in sorted(kinds.items(), key=str)], title="compressed layers")
+
+
+@app.command()
+@_user_errors
+def export(
+    folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder (from `hyperquant compress`)")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .onnx file")] = Path("model.onnx"),
+    accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level 0-4 (4 = int8 activations, fastest on CPU)")] = 0,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18-23)")] = 21,
+    device: Annotated[str, typer.Option(help="cpu or cuda (needs onnxruntime-gpu)")] = "cpu",
+    cache: Annotated[bool, typer.Option(help="Export with past_key_values inputs and present.* outputs")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output")] = False,
+) -> None:
+    """Export a checkpoint to ONNX (PHM layers as hyperquant-domain nodes), checked against torch."""
+    from hyperquant.exporters import export_command
+
+    export_command(folder, str(out_path), accuracy_level=accuracy_level, opset=opset, device=device,
+                   no_cache=not cache, overwrite=overwrite)
 
 
 def main() -> None:

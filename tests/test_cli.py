@@ -94,3 +94,13 @@ def test_interrupted_compress_leaves_no_output(tiny_model_dir, tmp_path, monkeyp
     result = run("compress", tiny_model_dir, "--out", tmp_path / "o", *FAST)
     assert result.exit_code != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command(tiny_model_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert run("compress", tiny_model_dir, "--out", ckpt, "--eval-tokens", "0", *FAST[:4], "--group-size", "16").exit_code == 0
+    result = run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["max_rel_error"] <= report["tolerance"]
+    assert_one_line_error(run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache"), "exists")
