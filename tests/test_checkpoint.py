@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from hyperquant.evals import model_size
+from hyperquant.evals.size import dtype_bytes
 
 from hyperquant import CompressConfig, HyperquantError, compress, load, save_compressed
 from hyperquant.checkpoint import atomic_output_dir
-from hyperquant.evals import model_size
-from hyperquant.evals.size import dtype_bytes
 from tests.conftest import tiny_llama
 
 CONFIGS = {
@@ -46,7 +46,7 @@ def test_stored_bytes_are_the_counted_bytes(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
-        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
     assert stored == size["bytes"]
     assert (tmp_path / "ckpt" / "model.safetensors").stat().st_size - stored < 20_000  # header only
 

@@ -57,7 +57,7 @@ def test_learned_bases_get_gradients_and_fixed_do_not():
     assert "bases" not in dict(fixed.named_parameters())
 
 
-@pytest.mark.parametrize("bad", [dict(n=3), dict(n=2, num_bases=5), dict(n=0)])
+@pytest.mark.parametrize("bad", [{"n": 3}, {"n": 2, "num_bases": 5}, {"n": 0}])
 def test_bad_shapes_are_rejected(bad):
     with pytest.raises(ValueError, match="n"):
         PHMLinear(8, 8, **bad)
