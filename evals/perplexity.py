@@ -19,7 +19,7 @@ from torch import nn
 class PerplexityProtocol:
     context: int = 512
     stride: int = 512
-    num_tokens: int = 8192
+    num_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.context:

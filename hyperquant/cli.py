@@ -6,7 +6,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -48,7 +48,7 @@ def _print_table(header: list[str], rows: list[list[str]], title: str | None = N
 @app.command()
 @_user_errors
 def compress(
-    model: Annotated[Optional[str], typer.Argument(help="Local HF causal-LM folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")] = None,
+    model: Annotated[str | None, typer.Argument(help="Local HF causal-LM folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")] = None,
     bits: Annotated[int, typer.Option(help="Bits of the quantized factors: 2, 3, 4 or 8")] = 4,
     method: Annotated[str, typer.Option(help="gptq or rtn")] = "gptq",
     n: Annotated[int, typer.Option(help="PHM base size n (1 = keep layers dense, quantize only)")] = 2,
@@ -60,10 +60,10 @@ def compress(
     act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns by decreasing Hessian diagonal")] = True,
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences")] = 32,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence")] = 512,
-    calib_text: Annotated[Optional[Path], typer.Option(help="UTF-8 text file for calibration (default: the embedded Wikipedia text)")] = None,
+    calib_text: Annotated[Path | None, typer.Option(help="UTF-8 text file for calibration (default: the embedded Wikipedia text)")] = None,
     rest_dtype: Annotated[str, typer.Option(help="Storage dtype of the weights left uncompressed")] = "float16",
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 8192,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 4096,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
 ) -> None:
     """Compress the FFN layers of MODEL and write a checkpoint folder with a report."""
@@ -90,11 +90,13 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     import torch
 
     from hyperquant.checkpoint import save_compressed
-    from hyperquant.data import calibration_ids, eval_tokens as held_out_tokens
+    from hyperquant.data import calibration_ids
+    from hyperquant.data import eval_tokens as held_out_tokens
     from hyperquant.evals import PerplexityProtocol, model_size, perplexity
     from hyperquant.evals.size import dtype_bytes
     from hyperquant.models import load_model, resolve_source
-    from hyperquant.pipeline import compress as compress_model, compress_targets
+    from hyperquant.pipeline import compress as compress_model
+    from hyperquant.pipeline import compress_targets
     from hyperquant.report import SUMMARY_COLUMNS, compress_report_md, summary_rows
 
     source = resolve_source(model_arg)
@@ -142,8 +144,8 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
 @_user_errors
 def eval_cmd(
     folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder (or a plain HF model folder / .gguf)")],
-    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to measure perplexity on (default: held-out Wikipedia)")] = None,
-    eval_tokens: Annotated[int, typer.Option(help="Tokens to score")] = 8192,
+    text: Annotated[Path | None, typer.Option(help="UTF-8 text file to measure perplexity on (default: held-out Wikipedia)")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens to score")] = 4096,
     context: Annotated[int, typer.Option(help="Context length of each window")] = 512,
     stride: Annotated[int, typer.Option(help="Stride between windows (= context: non-overlapping)")] = 512,
     latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model")] = True,

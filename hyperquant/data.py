@@ -61,7 +61,7 @@ def _tokens_from_texts(tokenizer, texts: list[str], num_tokens: int) -> torch.Te
     return torch.tensor(ids[:num_tokens], dtype=torch.long)
 
 
-def eval_tokens(tokenizer, num_tokens: int = 8192) -> torch.Tensor:
+def eval_tokens(tokenizer, num_tokens: int = 4096) -> torch.Tensor:
     """The first ``num_tokens`` tokens of the evaluation articles, in title order."""
     _, evaluation = split_articles()
     ids = _tokens_from_texts(tokenizer, evaluation, num_tokens)

@@ -80,27 +80,31 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class _InputStats:
-    """Accumulates sum_t x_t x_t^T (float64) of a linear's input, and which tensor fed it.
+    """Accumulates sum_t x_t x_t^T (float64) of a linear's input.
 
     With ``original_inputs`` (the inputs the uncompressed model gave this layer, one tensor per batch,
-    in the same order) it also accumulates sum_t x_t xo_t^T and sum_t xo_t xo_t^T.
+    in the same order) it also accumulates sum_t x_t xo_t^T and sum_t xo_t xo_t^T. Layers fed the same
+    tensor (gate/up) share one product through ``shared``, a per-batch cache keyed by the tensor.
     """
 
-    def __init__(self, in_features: int, original_inputs: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, in_features: int, shared: dict, original_inputs: list[torch.Tensor] | None = None) -> None:
         self.cov = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.shared = shared
         self.original_inputs = original_inputs
         if original_inputs is not None:
             self.cross_cov = torch.zeros_like(self.cov)
             self.original_cov = torch.zeros_like(self.cov)
         self.tokens = 0
         self.calls = 0
-        self.source_ptr: int | None = None
 
     def __call__(self, _module, args) -> None:
-        if self.source_ptr is None:
-            self.source_ptr = args[0].data_ptr()
-        x = _flat(args[0])
-        self.cov += (x.T @ x).double()  # per-batch fp32 sums, accumulated in fp64
+        key = args[0].data_ptr()
+        if key not in self.shared:
+            x = _flat(args[0])
+            # Holding args[0] keeps its address from being reused by another tensor in this forward.
+            self.shared[key] = (args[0], x, (x.T @ x).double())  # per-batch fp32 sums, accumulated in fp64
+        _, x, xx = self.shared[key]
+        self.cov += xx
         if self.original_inputs is not None:
             xo = self.original_inputs[self.calls]
             self.cross_cov += (x.T @ xo).double()
@@ -112,6 +116,26 @@ class _InputStats:
         if self.original_inputs is None:
             return {"input_cov": self.cov}
         return {"input_cov": self.cov, "cross_cov": self.cross_cov, "original_cov": self.original_cov}
+
+
+def _input_groups(block: nn.Module, names: list[str], first_call: tuple) -> list[list[str]]:
+    """Partition the block's targets into groups fed the same tensor, in execution order (gate+up, down),
+    by running the block once on one batch."""
+    order: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their addresses unique
+    handles = [
+        block_module.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
+        for name, block_module in names
+    ]
+    try:
+        _run_block(block, [first_call])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, tensor in order:
+        if name not in groups.setdefault(tensor.data_ptr(), []):
+            groups[tensor.data_ptr()].append(name)
+    return list(groups.values())
 
 
 def _run_original_block(block: nn.Module, names: list[str], prefix: str, inputs: list[tuple]):
@@ -234,20 +258,25 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
         seen_original = {}
         if original_inputs is not None:
             original_inputs, seen_original = _run_original_block(block, pending, f"{list_name}.{idx}.", original_inputs)
-        while pending:
-            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], seen_original.get(name))
-                     for name in pending}
-            handles = [targets[n].register_forward_pre_hook(stats[n]) for n in pending]
+        if cfg.true_sequential and pending:
+            groups = _input_groups(block, [(n, targets[n]) for n in pending], inputs[0])
+        else:
+            groups = [pending] if pending else []
+        for group in groups:
+            shared: dict = {}
+            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name))
+                     for name in group}
+
+            def clear_shared(_module, _args, _out, shared=shared):
+                shared.clear()  # inputs of one batch only: tensor addresses are reused later
+
+            handles = [targets[n].register_forward_pre_hook(stats[n]) for n in group]
+            handles.append(block.register_forward_hook(clear_shared))
             try:
                 _run_block(block, inputs)
             finally:
                 for h in handles:
                     h.remove()
-            if cfg.true_sequential:
-                first = stats[pending[0]].source_ptr
-                group = [n for n in pending if stats[n].source_ptr == first]
-            else:
-                group = pending
             for name in group:
                 if stats[name].tokens == 0:
                     raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
@@ -257,7 +286,6 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
                 log.append(record)
                 if bar:
                     bar.update(layer_task, advance=1, description=f"quantizing {name}")
-            pending = [n for n in pending if n not in group]
         if idx < last:
             inputs = _run_block(block, inputs)
         if bar:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -17,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from hyperquant.evals import PerplexityProtocol, model_size, perplexity
+from hyperquant.evals.size import dtype_bytes
 
 from hyperquant import CompressConfig, compress
 from hyperquant.data import calibration_ids, eval_tokens
-from hyperquant.evals import PerplexityProtocol, model_size, perplexity
-from hyperquant.evals.size import dtype_bytes
 from hyperquant.models import load_model, resolve_source
 from hyperquant.report import fmt_ppl, human_bytes, markdown_table
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--only", nargs="*", help="substrings of setting names to run")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_compress"))
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = 0.0
         rest = None
         if cfg is not None:
-            cfg.group_size, cfg.calib_samples, cfg.calib_seq_len = args.group_size, args.calib_samples, args.calib_seq_len
-            cfg.__post_init__()
+            cfg = dataclasses.replace(cfg, group_size=args.group_size, calib_samples=args.calib_samples,
+                                      calib_seq_len=args.calib_seq_len)
             start = time.perf_counter()
             compress(model, cfg, calib if cfg.needs_calibration else None)
             seconds = time.perf_counter() - start

@@ -146,3 +146,17 @@ def test_fit_to_original_outputs_only_differs_downstream_of_the_first_compressed
     log = {r["name"]: r for r in models["original"].hyperquant_log}
     down = log["model.layers.1.mlp.down_proj"]
     assert 0 <= down["output_error_to_original"] and "output_error_to_original" not in models["current"].hyperquant_log[-1]
+
+
+@pytest.mark.parametrize("arch,expected", [("llama", [["gate_proj", "up_proj"], ["down_proj"]]),
+                                           ("gpt2", [["c_fc"], ["c_proj"]])])
+def test_layers_sharing_an_input_are_grouped(arch, expected):
+    from hyperquant.pipeline import _capture_block_inputs, _input_groups
+
+    model = ARCHS[arch][0]()
+    block = model.model.layers[0] if arch == "llama" else model.transformer.h[0]
+    names = [(n, m) for n, m in block.named_modules() if n.startswith("mlp.") and hasattr(m, "weight")]
+    with torch.no_grad():
+        calls = _capture_block_inputs(model, block, [{"input_ids": torch.randint(0, 128, (2, 8))}])
+        groups = _input_groups(block, names, calls[0])
+    assert [[n.split(".")[-1] for n in g] for g in groups] == expected
