@@ -1,4 +1,4 @@
-"""The `hyperquant` command line: compress, eval, info, export."""
+"""The `hyperquant` command line: compress, eval, info, export, train."""
 
 from __future__ import annotations
 
@@ -236,6 +236,21 @@ def export(
 
     export_command(folder, str(out_path), accuracy_level=accuracy_level, opset=opset, device=device,
                    no_cache=not cache, overwrite=overwrite)
+
+
+@app.command()
+@_user_errors
+def train(
+    model: Annotated[str | None, typer.Argument(help="Local HF causal-LM folder or .gguf; default: the embedded model")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of TrainConfig fields")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (checkpoints, logs, final/)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override max_steps")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint")] = None,
+) -> None:
+    """Progressive PHM training with distillation (and optional QAT, capacity assignment, LoRA)."""
+    from hyperquant.train import train_command
+
+    train_command(model, config, output_dir=output_dir, max_steps=max_steps, resume=resume)
 
 
 def main() -> None:

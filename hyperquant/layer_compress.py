@@ -9,6 +9,7 @@ from torch import nn
 
 from hyperquant.config import CompressConfig
 from hyperquant.convert import linear_bias, linear_weight
+from hyperquant.linalg import quadratic_form
 from hyperquant.phm.bases import fixed_bases
 from hyperquant.phm.functional import factors_to_cat, kron_weight
 from hyperquant.phm.layer import PHMLinear
@@ -21,7 +22,6 @@ from hyperquant.phm.projection import (
     relative_output_error,
     relative_weight_error,
 )
-from hyperquant.linalg import quadratic_form
 from hyperquant.quant.gptq import gptq_quantize
 from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
 from hyperquant.quant.qtensor import QuantizedWeight

@@ -124,14 +124,14 @@ def relative_weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 __all__ = [
-    "project_fixed",
+    "kron_weight",
     "kronecker_svd",
     "mixed_hessian",
-    "project_activation_aware",
     "output_error",
+    "project_activation_aware",
+    "project_fixed",
+    "quadratic_form",
     "relative_output_error",
     "relative_weight_error",
-    "quadratic_form",
-    "kron_weight",
 ]
 

@@ -111,8 +111,7 @@ def allocate(rows: list[dict], budget_params: int, method: str, base_bases: int,
         used = sum(r["unit"] * base_bases for r in rows)
         if used > budget_params and topk is None:
             raise HyperquantError(f"the budget of {budget_params} parameters is below B={base_bases} everywhere")
-        upgraded = 0
-        for r in order:
+        for upgraded, r in enumerate(order):
             if base_bases + 1 > max_bases:
                 break
             if topk is not None and upgraded >= topk:
@@ -121,7 +120,6 @@ def allocate(rows: list[dict], budget_params: int, method: str, base_bases: int,
                 break
             chosen[r["name"]] = base_bases + 1
             used += r["unit"]
-            upgraded += 1
         return chosen
     minimum = sum(r["unit"] for r in rows)
     if budget_params < minimum:
@@ -197,7 +195,7 @@ def assign_capacity(model: nn.Module, ids: torch.Tensor, n: int = 2, num_bases: 
                      "in_features": in_f, "unit": phm_params(out_f, in_f, n, 1),
                      "errors": projection_errors(w, n, max_bases),
                      "weight_norm2": float(w.double().pow(2).sum())})
-    budget_params = int(round(budget * sum(r["unit"] for r in rows)))
+    budget_params = round(budget * sum(r["unit"] for r in rows))
     chosen = allocate(rows, budget_params, method, num_bases, max_bases, topk)
     for r in rows:
         b = chosen[r["name"]]

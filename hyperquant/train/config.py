@@ -50,6 +50,9 @@ class TrainConfig:
     num_bases: int = 2
     layer_bases: dict[str, int] = field(default_factory=dict)  # regex on module name -> B (first match wins)
     init: str = "activation"
+    # activation-aware init block by block on the outputs of the already-PHM blocks before it (as
+    # `hyperquant compress` calibrates), i.e. fitted for alpha = 1; False: every layer on dense inputs
+    init_sequential: bool = True
     init_samples: int = 16  # calibration sequences for the activation-aware init (and export Hessians)
     ridge: float = 1e-4
     target_patterns: list[str] | None = None

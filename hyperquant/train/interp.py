@@ -77,11 +77,13 @@ def interpolated_layers(model: nn.Module) -> dict[str, InterpolatedLinear]:
 
 
 def wrap_linear(dense: nn.Module, n: int, num_bases: int, input_cov: torch.Tensor | None, ridge: float,
-                quant: dict | None, layer_index: int) -> InterpolatedLinear:
-    """The wrapper of one dense linear: PHM initialized by projection (activation-aware with ``input_cov``)."""
-    weight = linear_weight(dense).float()
-    phm = PHMLinear.from_dense(weight, n=n, num_bases=num_bases, bias=linear_bias(dense),
-                               input_cov=input_cov, ridge=ridge)
+                quant: dict | None, layer_index: int, phm: PHMLinear | None = None) -> InterpolatedLinear:
+    """The wrapper of one dense linear: PHM initialized by projection (activation-aware with ``input_cov``),
+    or the given already fitted ``phm``."""
+    if phm is None:
+        weight = linear_weight(dense).float()
+        phm = PHMLinear.from_dense(weight, n=n, num_bases=num_bases, bias=linear_bias(dense),
+                                   input_cov=input_cov, ridge=ridge)
     quantizer = None
     if quant is not None:
         a = phm.a_cat

@@ -74,12 +74,34 @@ def dense_input_covs(model: nn.Module, targets: dict[str, nn.Module], ids: torch
     return covs
 
 
+def sequential_phm_init(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int], names: list[str],
+                        init_ids: torch.Tensor) -> dict[str, nn.Module]:
+    """Float PHM layers fitted by `hyperquant.compress` (bits=None) on a copy of ``model``: block by
+    block, each on the inputs produced by the PHM blocks below it."""
+    import copy
+
+    from hyperquant.config import CompressConfig
+    from hyperquant.pipeline import compress
+
+    pinned = {re.escape(name) + "$": bases_for(cfg, layer_bases, name) for name in names}
+    ccfg = CompressConfig(bits=None, n=cfg.n, num_bases=cfg.num_bases, layer_bases=pinned, init="activation",
+                          ridge=cfg.ridge, target_patterns=cfg.target_patterns, rest_dtype="float32")
+    clone = compress(copy.deepcopy(model), ccfg, init_ids, progress=False)
+    return {name: clone.get_submodule(name) for name in names}
+
+
 def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int],
                   init_ids: torch.Tensor | None) -> list[str]:
     """In place: wrap each FFN linear (PHM branch initialized from the dense weight), add LoRA, and set
     which parameters train. Returns the wrapped layer names."""
     targets = find_ffn_linears(model, cfg.target_patterns)
-    covs = dense_input_covs(model, targets, init_ids) if cfg.init == "activation" and init_ids is not None else {}
+    activation = cfg.init == "activation" and init_ids is not None
+    covs: dict[str, torch.Tensor] = {}
+    fitted: dict[str, nn.Module] = {}
+    if activation and cfg.init_sequential:
+        fitted = sequential_phm_init(model, cfg, layer_bases, list(targets), init_ids)
+    elif activation:
+        covs = dense_input_covs(model, targets, init_ids)
     quant = None
     if cfg.qat_start_step is not None:
         quant = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
@@ -87,7 +109,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
     for name, module in targets.items():
         b = bases_for(cfg, layer_bases, name)
         try:
-            wrapper = wrap_linear(module, cfg.n, b, covs.get(name), cfg.ridge, quant, block_of(name))
+            wrapper = wrap_linear(module, cfg.n, b, covs.get(name), cfg.ridge, quant, block_of(name),
+                                  fitted.get(name))
         except ValueError as e:
             raise HyperquantError(f"layer {name}: {e}") from None
         wrapper.track_recon = cfg.recon_weight > 0
@@ -229,7 +252,13 @@ def validation_perplexity(model: nn.Module, eval_ids: torch.Tensor, cfg: TrainCo
 # ---------------------------------------------------------------------------------------------- runner
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate keeps one process-wide state; a second `train` call in the same process (another
+    # mixed_precision) needs it cleared. The distributed (partial) state is kept.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise HyperquantError("mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
@@ -306,7 +335,7 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model)
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        _, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected:
             raise HyperquantError(f"checkpoint {ckpt} does not match this configuration (unexpected {unexpected[:3]})")
         torch.set_rng_state(state["torch_rng"])

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from hyperquant.evals import PerplexityProtocol, perplexity
+
 from tests.conftest import tiny_llama
 
 

@@ -3,7 +3,15 @@
 import torch
 
 from hyperquant import PHMLinear
-from hyperquant.phm import fixed_bases, kron_weight, kronecker_svd, mix_inputs, mixed_hessian, project_activation_aware, project_fixed
+from hyperquant.phm import (
+    fixed_bases,
+    kron_weight,
+    kronecker_svd,
+    mix_inputs,
+    mixed_hessian,
+    project_activation_aware,
+    project_fixed,
+)
 from hyperquant.phm.functional import factors_to_cat
 from hyperquant.phm.projection import relative_output_error
 

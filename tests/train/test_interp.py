@@ -112,3 +112,22 @@ def test_reconstruction_loss_from_the_same_forward():
     rough.recon_relative = False
     rough(x)
     torch.testing.assert_close(rough.last_recon.detach(), ((x @ (approx - w).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_activation_init_matches_compress_or_the_dense_inputs(sequential):
+    import hyperquant
+
+    dense, model = tiny_llama(), None
+    model = copy.deepcopy(dense)
+    ids = _ids(rows=4, cols=24)
+    prepare_model(model, TrainConfig(init_sequential=sequential), {r"layers\.1\.mlp\.up": 3}, ids)
+    layers = interpolated_layers(model)
+    assert layers["model.layers.1.mlp.up_proj"].phm.num_bases == 3
+    ref = hyperquant.compress(copy.deepcopy(dense), hyperquant.CompressConfig(
+        bits=None, n=2, num_bases=2, layer_bases={r"layers\.1\.mlp\.up": 3}, rest_dtype="float32"), ids, progress=False)
+    same = [torch.allclose(m.phm.factors, ref.get_submodule(name).factors, atol=1e-6) for name, m in layers.items()]
+    if sequential:
+        assert all(same)
+    else:  # block 0's first group sees the same inputs either way; later layers differ
+        assert same[0] and not all(same)

