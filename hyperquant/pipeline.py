@@ -79,6 +79,33 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
+@torch.no_grad()
+def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor,
+                      batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """sum_t x_t x_t^T (float64) of each module's input over one eval-mode pass of ``model`` on ``ids``
+    (not block-sequential: every module sees the model as it is)."""
+    covs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = _flat(args[0])
+            xx = (x.T @ x).double().cpu()
+            covs[name] = covs[name] + xx if name in covs else xx
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(ids), batch_size):
+            model(input_ids=ids[i : i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return covs
+
+
 class _InputStats:
     """Accumulates sum_t x_t x_t^T (float64) of a linear's input.
 

@@ -33,9 +33,9 @@ SETTINGS: dict[str, CompressConfig | None] = {
     "PHM n2 B2 fp32, Frobenius projection": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius"),
     "PHM n2 B2 fp32, activation-aware": CompressConfig(bits=None, n=2, num_bases=2, init="activation"),
     "PHM n2 B2 + RTN-4": CompressConfig(bits=4, n=2, num_bases=2, method="rtn"),
-    "PHM n2 B2 + GPTQ-4, fit to current inputs": CompressConfig(bits=4, n=2, num_bases=2, method="gptq",
-                                                                 fit_target="current"),
     "PHM n2 B2 + GPTQ-4": CompressConfig(bits=4, n=2, num_bases=2, method="gptq"),
+    "PHM n2 B2 + GPTQ-4, fit to original outputs": CompressConfig(bits=4, n=2, num_bases=2, method="gptq",
+                                                                   fit_target="original"),
     "PHM n4 B2 + GPTQ-4": CompressConfig(bits=4, n=4, num_bases=2, method="gptq"),
 }
 COLUMNS = ["setting", "total bytes", "FFN bytes", "bits/FFN weight", "MACs/token (FFN)", "perplexity",

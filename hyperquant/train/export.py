@@ -13,38 +13,13 @@ from hyperquant.errors import HyperquantError
 from hyperquant.linalg import quadratic_form
 from hyperquant.phm.layer import PHMLinear
 from hyperquant.phm.projection import mixed_hessian
-from hyperquant.pipeline import FORMAT_VERSION
+from hyperquant.pipeline import FORMAT_VERSION, input_covariances
 from hyperquant.quant.gptq import gptq_quantize
 from hyperquant.quant.modules import QuantPHMLinear
 from hyperquant.quant.rtn import rtn_quantize
 from hyperquant.train.config import TrainConfig
 from hyperquant.train.interp import InterpolatedLinear, drop_dense, interpolated_layers
 from hyperquant.train.lora import merge_lora
-
-
-@torch.no_grad()
-def collect_input_covs(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """sum_t x_t x_t^T (float64) of every interpolated layer's input, in one pass of the current model."""
-    layers = interpolated_layers(model)
-    covs = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            covs[name] += (x.T @ x).double().cpu()
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i : i + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return covs
 
 
 def _final_module(name: str, m: InterpolatedLinear, cfg: TrainConfig, cov: torch.Tensor | None,
@@ -117,7 +92,7 @@ def finalize(model: nn.Module, cfg: TrainConfig, calib_ids: torch.Tensor | None 
     ccfg = compress_config_for(cfg, model)
     covs: dict[str, torch.Tensor] = {}
     if cfg.bits is not None and calib_ids is not None:
-        covs = collect_input_covs(model, calib_ids)
+        covs = input_covariances(model, interpolated_layers(model), calib_ids)
     log = []
     for name, m in layers.items():
         record = {"name": name, "n": m.phm.n, "num_bases": m.phm.num_bases, "bits": cfg.bits,

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hyperquant.convert import find_ffn_linears, linear_weight, set_module
+from hyperquant.convert import find_ffn_linears, set_module
 from hyperquant.errors import HyperquantError
+from hyperquant.pipeline import input_covariances
 from hyperquant.train.capacity import CapacityPlan, assign_capacity
 from hyperquant.train.config import TrainConfig
 from hyperquant.train.export import finalize
@@ -51,29 +52,6 @@ def bases_for(cfg: TrainConfig, layer_bases: dict[str, int], name: str) -> int:
     return cfg.num_bases
 
 
-@torch.no_grad()
-def dense_input_covs(model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor,
-                     batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """sum_t x x^T of each target's input in the dense model: the inputs the PHM layers see at alpha = 0."""
-    covs = {name: torch.zeros(linear_weight(m).shape[1], linear_weight(m).shape[1], dtype=torch.float64)
-            for name, m in targets.items()}
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            covs[name] += (x.T @ x).double().cpu()
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
-    try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i : i + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return covs
-
-
 def sequential_phm_init(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int], names: list[str],
                         init_ids: torch.Tensor) -> dict[str, nn.Module]:
     """Float PHM layers fitted by `hyperquant.compress` (bits=None) on a copy of ``model``: block by
@@ -101,7 +79,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
     if activation and cfg.init_sequential:
         fitted = sequential_phm_init(model, cfg, layer_bases, list(targets), init_ids)
     elif activation:
-        covs = dense_input_covs(model, targets, init_ids)
+        covs = input_covariances(model, targets, init_ids)
     quant = None
     if cfg.qat_start_step is not None:
         quant = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
