@@ -36,8 +36,10 @@ def _weights_of(module: nn.Module, float_bytes: int) -> tuple[int, int, float]:
             stored += module.bases.numel() * 4
         return params, stored, module.in_features * module.out_features
     if isinstance(module, PHMLinear):
-        params = module.factors.numel() + module.bases.numel() + (module.bias.numel() if module.bias is not None else 0)
-        return params, params * float_bytes, module.in_features * module.out_features
+        # Float PHM layers are stored in their own dtype (the checkpoint leaves them as they are).
+        tensors = [module.factors, module.bases] + ([module.bias] if module.bias is not None else [])
+        params = sum(t.numel() for t in tensors)
+        return params, sum(t.numel() * t.element_size() for t in tensors), module.in_features * module.out_features
     params = sum(p.numel() for p in module.parameters())
     return params, params * float_bytes, linear_weight(module).numel()
 

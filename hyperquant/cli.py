@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,7 @@ from hyperquant.errors import HyperquantError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Compress transformer FFNs into PHM layers with low-bit factors; evaluate and inspect them.")
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs and pipes
 
 
 def _fail(message: str) -> None:
@@ -116,9 +117,8 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
         console.print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens")
     compress_model(model, cfg, calib)
     seconds = time.perf_counter() - start
-    label = "compressed (" + (f"dense {cfg.method.upper()}-{cfg.bits}" if cfg.n == 1 else
-                              f"PHM n={cfg.n} B={cfg.num_bases} {cfg.method.upper()}-{cfg.bits}") + \
-        f" g{cfg.group_size})"
+    label = (f"dense {cfg.method.upper()}-{cfg.bits}" if cfg.n == 1 else
+             f"PHM n={cfg.n} B={cfg.num_bases} {cfg.method.upper()}-{cfg.bits}") + f" g{cfg.group_size}"
     rows.append({"label": label, "size": model_size(model, rest_bytes_per_param=dtype_bytes(cfg.rest_dtype))})
     if protocol:
         console.print("perplexity of the compressed model")

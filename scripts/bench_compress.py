@@ -42,6 +42,26 @@ COLUMNS = ["setting", "total bytes", "FFN bytes", "bits/FFN weight", "MACs/token
            "compress s"]
 
 
+def write_results(rows: list[dict], meta: dict, out: Path) -> str:
+    """Write bench_compress.json and bench_compress.md to ``out``; return the Markdown table."""
+    cells = [[r["setting"], human_bytes(r["size"]["bytes"]), human_bytes(r["size"]["ffn_bytes"]),
+              f"{r['size']['ffn_bits_per_weight']:.2f}",
+              f"{r['size']['macs_per_token'] / 1e6:.1f} M ({r['size']['ffn_macs_per_token'] / 1e6:.1f} M)",
+              fmt_ppl(r["perplexity"]), f"{r['compress_seconds']:.0f}"] for r in rows]
+    table = markdown_table(COLUMNS, cells)
+    protocol = meta["protocol"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_compress.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    notes = (f"Model: {meta['model']}. Calibration: {meta['calibration']} of the Wikipedia calibration split. "
+             f"Perplexity: {protocol['num_tokens']} held-out tokens, context {protocol['context']}, stride "
+             f"{protocol['stride']}. Group size {meta['group_size']}; non-FFN weights stored in float16 for every "
+             f"compressed row (fp32 in the first); float PHM factors in fp32. MACs/token: all linear layers "
+             f"(FFN only in parentheses), PHM counting its input mixing. {meta['torch_threads']} torch "
+             f"threads.\n\nCommand: `{meta['command']}`\n")
+    (out / "bench_compress.md").write_text("# bench_compress\n\n" + table + "\n\n" + notes)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
@@ -81,23 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   ppl {ppl:.4g}, FFN {size['ffn_bytes'] / 1e6:.1f} MB, {seconds:.0f} s", file=sys.stderr, flush=True)
         del model
 
-    cells = [[r["setting"], human_bytes(r["size"]["bytes"]), human_bytes(r["size"]["ffn_bytes"]),
-              f"{r['size']['ffn_bits_per_weight']:.2f}",
-              f"{r['size']['macs_per_token'] / 1e6:.1f} M ({r['size']['ffn_macs_per_token'] / 1e6:.1f} M)",
-              fmt_ppl(r["perplexity"]), f"{r['compress_seconds']:.0f}"] for r in rows]
-    table = markdown_table(COLUMNS, cells)
-    print(table)
     meta = {"model": str(source), "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens",
             "protocol": protocol.to_dict(), "group_size": args.group_size, "torch_threads": torch.get_num_threads(),
             "machine": platform.platform(), "command": "python scripts/bench_compress.py " + " ".join(argv or sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_compress.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    notes = (f"Model: {meta['model']}. Calibration: {meta['calibration']} of the Wikipedia calibration split. "
-             f"Perplexity: {protocol.num_tokens} held-out tokens, context {protocol.context}, stride "
-             f"{protocol.stride}. Group size {args.group_size}; non-FFN weights stored in float16 for every "
-             f"compressed row (fp32 in the first). MACs/token: all linear layers (FFN only in parentheses), "
-             f"PHM counting its input mixing. {meta['torch_threads']} torch threads.\n\nCommand: `{meta['command']}`\n")
-    (args.out / "bench_compress.md").write_text("# bench_compress\n\n" + table + "\n\n" + notes)
+    print(write_results(rows, meta, args.out))
     return 0
 
 

@@ -16,6 +16,7 @@ CONFIGS = {
     "phm-learned-8": CompressConfig(bits=8, n=2, num_bases=3, learn_bases=True, group_size=32),
     "phm-float": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius", rest_dtype="float32"),
     "phm-bf16-rest": CompressConfig(bits=4, n=2, num_bases=2, group_size=16, rest_dtype="bfloat16"),
+    "phm-float-fp16-rest": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius"),
 }
 
 
@@ -39,10 +40,12 @@ def test_round_trip_logits_are_identical(name, tmp_path):
     assert sorted(r["name"] for r in log) == sorted(layers)
 
 
-def test_stored_bytes_are_the_counted_bytes(tmp_path):
-    model = compress(tiny_llama(), CONFIGS["phm-gptq3"], torch.randint(0, 128, (4, 24)), progress=False)
+@pytest.mark.parametrize("name", ["phm-gptq3", "dense-gptq4", "phm-float-fp16-rest", "phm-bf16-rest"])
+def test_stored_bytes_are_the_counted_bytes(name, tmp_path):
+    cfg = CONFIGS[name]
+    model = compress(tiny_llama(), cfg, torch.randint(0, 128, (4, 24)), progress=False)
     save_compressed(model, tmp_path / "ckpt")
-    size = model_size(model, rest_bytes_per_param=dtype_bytes("float16"))
+    size = model_size(model, rest_bytes_per_param=dtype_bytes(cfg.rest_dtype))
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
