@@ -88,8 +88,6 @@ def compress(
 
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int) -> None:
-    import torch
-
     from hyperquant.checkpoint import save_compressed
     from hyperquant.data import calibration_ids
     from hyperquant.data import eval_tokens as held_out_tokens
@@ -134,7 +132,6 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
              "protocol": protocol.to_dict() if protocol else None, "compress_seconds": seconds}, indent=2))
 
     save_compressed(model, out_dir, tokenizer, overwrite=overwrite, extra_files=write_report)
-    del torch
     _print_table(SUMMARY_COLUMNS, summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
     out.print(f"compressed in {seconds:.1f} s; weights file {rows[1]['size']['bytes_on_disk'] / 1e6:.1f} MB; "
               f"report: {out_dir / 'report.md'}")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hyperquant.phm.bases import fixed_bases
-from hyperquant.phm.functional import phm_forward, phm_macs
+from hyperquant.phm.functional import cat_to_factors, kron_weight, phm_forward, phm_macs
 from hyperquant.quant.qtensor import QuantizedWeight
 
 
@@ -114,8 +114,6 @@ class QuantPHMLinear(_PackedWeightMixin):
         return phm_forward(x, self.bases, self.dequantized(x.dtype), self.bias)
 
     def effective_weight(self) -> torch.Tensor:
-        from hyperquant.phm.functional import cat_to_factors, kron_weight
-
         return kron_weight(self.bases.float(), cat_to_factors(self.dequantized(torch.float32), self.num_bases))
 
     def macs_per_token(self) -> dict[str, int]:
