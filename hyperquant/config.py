@@ -64,6 +64,8 @@ class CompressConfig:
             raise ConfigError(f"rest_dtype={self.rest_dtype!r} is not supported; use one of {list(REST_DTYPES)}")
         if self.n < 1:
             raise ConfigError(f"n={self.n} must be >= 1 (1 = keep the layer dense)")
+        if self.n == 1 and self.bits is None:
+            raise ConfigError("n=1 with bits=None would leave every layer as it is; set bits or n >= 2")
         for b in [self.num_bases, *self.layer_bases.values()]:
             if self.n > 1 and not 1 <= b <= self.n * self.n:
                 raise ConfigError(f"number of bases {b} must be in [1, n^2 = {self.n * self.n}] for n={self.n}")

@@ -63,8 +63,6 @@ def compress_linear(
                     "bits": cfg.bits, "method": cfg.method if cfg.bits else None}
 
     if n == 1:
-        if cfg.bits is None:
-            return module, record
         new = QuantLinear.from_quantized(_quantize(weight, input_cov, cfg, record), bias)
     else:
         if cfg.learn_bases:

@@ -160,3 +160,8 @@ def test_layers_sharing_an_input_are_grouped(arch, expected):
         calls = _capture_block_inputs(model, block, [{"input_ids": torch.randint(0, 128, (2, 8))}])
         groups = _input_groups(block, names, calls[0])
     assert [[n.split(".")[-1] for n in g] for g in groups] == expected
+
+
+def test_a_config_that_changes_nothing_is_rejected():
+    with pytest.raises(HyperquantError, match="leave every layer"):
+        CompressConfig(bits=None, n=1)

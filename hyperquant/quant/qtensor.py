@@ -59,6 +59,3 @@ class QuantizedWeight:
         else:
             zeros = unpack_zero_points(tensors["qzeros"], bits, groups)
         return cls(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size, symmetric=symmetric)
-
-    def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_packed().values())
