@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from hyperquant.convert import find_ffn_linears, is_conv1d, linear_weight
+from hyperquant.fourier.module import FourierLinear
 from hyperquant.phm.layer import PHMLinear
 from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
 
-_COMPRESSED = (QuantLinear, QuantPHMLinear, PHMLinear)
+_COMPRESSED = (QuantLinear, QuantPHMLinear, PHMLinear, FourierLinear)
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
@@ -35,6 +36,12 @@ def _weights_of(module: nn.Module, float_bytes: int) -> tuple[int, int, float]:
             params += module.bases.numel()
             stored += module.bases.numel() * 4
         return params, stored, module.in_features * module.out_features
+    if isinstance(module, FourierLinear):
+        # Packed magnitude/phase codes, fp16 magnitude scales and channel scale; the factors represent
+        # 2 r (out + in) real values (magnitude and phase of every complex entry of P and Q).
+        bias = module.bias.numel() if module.bias is not None else 0
+        params = 2 * module.rank * (module.in_features + module.out_features) + bias
+        return params, module.packed_bytes() + bias * float_bytes, module.in_features * module.out_features
     if isinstance(module, PHMLinear):
         # Float PHM layers are stored in their own dtype (the checkpoint leaves them as they are).
         tensors = [module.factors, module.bases] + ([module.bias] if module.bias is not None else [])

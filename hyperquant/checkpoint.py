@@ -22,6 +22,7 @@ from torch import nn
 
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
+from hyperquant.fourier.module import FourierLinear
 from hyperquant.phm.layer import PHMLinear
 from hyperquant.pipeline import FORMAT_VERSION
 from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
@@ -34,8 +35,11 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     specs = {}
     for name, m in model.named_modules():
         common = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None} \
-            if isinstance(m, (QuantLinear, QuantPHMLinear, PHMLinear)) else None
-        if isinstance(m, QuantLinear):
+            if isinstance(m, (QuantLinear, QuantPHMLinear, PHMLinear, FourierLinear)) else None
+        if isinstance(m, FourierLinear):
+            specs[name] = {"kind": "fourier", "rank": m.rank, "bits": m.bits, "phase_bits": m.phase_bits,
+                           "group_size": m.group_size, **common}
+        elif isinstance(m, QuantLinear):
             specs[name] = {"kind": "dense", "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
                            **common}
         elif isinstance(m, QuantPHMLinear):
@@ -49,6 +53,9 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
 
 def _module_from_spec(spec: dict) -> nn.Module:
     io_kw = {"in_features": spec["in_features"], "out_features": spec["out_features"], "bias": spec["bias"]}
+    if spec["kind"] == "fourier":
+        return FourierLinear(rank=spec["rank"], bits=spec["bits"], phase_bits=spec["phase_bits"],
+                             group_size=spec["group_size"], **io_kw)
     if spec["kind"] == "dense":
         return QuantLinear(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["symmetric"], **io_kw)
     if spec["bits"] is None:
@@ -82,6 +89,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[P
         raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
     try:
         yield tmp
     except BaseException:

@@ -1,4 +1,4 @@
-"""The `hyperquant` command line: compress, eval, info, export, train."""
+"""The `hyperquant` command line: compress, eval, info, export, train, report."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _print_table(header: list[str], rows: list[list[str]], title: str | None = N
 def compress(
     model: Annotated[str | None, typer.Argument(help="Local HF causal-LM folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")] = None,
     bits: Annotated[int, typer.Option(help="Bits of the quantized factors: 2, 3, 4 or 8")] = 4,
-    method: Annotated[str, typer.Option(help="gptq or rtn")] = "gptq",
+    method: Annotated[str, typer.Option(help="gptq or rtn; fourier = the LLaVA-FA-style comparator (Fourier low-rank + PolarQuant, with --n 1)")] = "gptq",
     n: Annotated[int, typer.Option(help="PHM base size n (1 = keep layers dense, quantize only)")] = 2,
     bases: Annotated[int, typer.Option(help="Number of PHM bases B (1..n^2)")] = 2,
     group_size: Annotated[int, typer.Option(help="Quantization group size (power of two >= 16)")] = 128,
@@ -63,31 +63,54 @@ def compress(
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence")] = 512,
     calib_text: Annotated[Path | None, typer.Option(help="UTF-8 text file for calibration (default: the embedded Wikipedia text)")] = None,
     rest_dtype: Annotated[str, typer.Option(help="Storage dtype of the weights left uncompressed")] = "float16",
+    fourier_fraction: Annotated[float, typer.Option(help="--method fourier: fraction of each layer's parameters the factors keep")] = 0.25,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 4096,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="PHM layers: distil them from the dense model before quantizing (default; post-training alone leaves PHM unusable). --no-train: post-training only")] = True,
+    train_minutes: Annotated[float, typer.Option(help="Time budget of the training steps, in minutes (the initial fit, export and evaluation add a few)")] = 30.0,
+    qat: Annotated[bool, typer.Option(help="Train with fake-quantized factors (QAT) from 60 % of the steps; export on the QAT grid")] = False,
+    train_config: Annotated[Path | None, typer.Option(help="YAML of TrainConfig fields that override the training recipe (see docs/training.md)")] = None,
 ) -> None:
-    """Compress the FFN layers of MODEL and write a checkpoint folder with a report."""
+    """Compress the FFN layers of MODEL and write a checkpoint folder with a report.
+
+    PHM layers (n >= 2) are trained by distillation from the dense model for --train-minutes, then
+    quantized; --no-train gives the post-training result in a few minutes."""
     from hyperquant.config import CompressConfig
 
     cfg = CompressConfig(bits=bits, method=method, n=n, num_bases=bases, group_size=group_size, init=init,
                          learn_bases=learn_bases, symmetric=symmetric, act_order=act_order,
-                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype)
+                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
+                         fourier_fraction=fourier_fraction)
     if eval_tokens < 0:
         _fail("--eval-tokens must be >= 0")
-    setting = f"dense-{method}{bits}" if n == 1 else f"phm-n{n}b{bases}-{method}{bits}"
+    training = train and n > 1
+    setting = (f"fourier{fourier_fraction:g}-{bits}" if method == "fourier" else f"dense-{method}{bits}" if n == 1
+               else f"phm-n{n}b{bases}-{method}{bits}") + \
+        ("-qat" if training and qat else "-trained" if training else "")
     out_dir = out_dir or Path("hyperquant-out") / setting
     if out_dir.exists() and not overwrite:
         _fail(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    tcfg = None
+    if training:
+        from hyperquant.train.compress import work_dir_for
+        from hyperquant.train.config import read_yaml_options
+        from hyperquant.train.recipe import compress_train_config
+
+        overrides = read_yaml_options(train_config) if train_config is not None else {}
+        tcfg = compress_train_config(cfg, str(work_dir_for(out_dir)), train_minutes, qat, overrides)
+    elif qat:
+        _fail("--qat trains the PHM layers: drop --no-train (and use n >= 2)")
     calib_texts = None
     if calib_text is not None:
         from hyperquant.data import read_text_file
 
         calib_texts = [read_text_file(calib_text)]
-    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens)
+    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg)
 
 
-def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int) -> None:
+def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
+                 train_cfg=None) -> None:
     from hyperquant.checkpoint import save_compressed
     from hyperquant.data import calibration_ids
     from hyperquant.data import eval_tokens as held_out_tokens
@@ -103,19 +126,33 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     model, tokenizer = load_model(source)
     compress_targets(model, cfg)  # shape errors (n not dividing a layer) before any long work
     calib = calibration_ids(tokenizer, cfg.calib_samples, cfg.calib_seq_len, texts=calib_texts) \
-        if cfg.needs_calibration else None
+        if cfg.needs_calibration and train_cfg is None else None
     protocol = PerplexityProtocol(num_tokens=eval_tokens) if eval_tokens else None
     ids = held_out_tokens(tokenizer, eval_tokens) if protocol else None
     rows = [{"label": "original (fp32)", "size": model_size(model)}]
     if protocol:
         console.print("perplexity of the original model")
         rows[0]["perplexity"] = perplexity(model, ids, protocol)["perplexity"]
+    if train_cfg is not None:
+        from hyperquant.train.compress import train_and_compress
+
+        train_ids = calibration_ids(tokenizer, train_cfg.train_samples, train_cfg.seq_len, train_cfg.data_seed,
+                                    texts=calib_texts)
+        console.print(f"training the PHM layers for about {train_cfg.max_minutes} min on up to "
+                      f"{train_ids.numel():,} tokens (--no-train: post-training only)")
+        train_and_compress(source, model, tokenizer, cfg, train_cfg, out_dir, overwrite, train_ids,
+                           ids if ids is not None else held_out_tokens(tokenizer, train_cfg.eval_tokens),
+                           protocol, rows, console)
+        _print_table(SUMMARY_COLUMNS, summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
+        out.print(f"weights file {rows[1]['size']['bytes_on_disk'] / 1e6:.1f} MB; report: {out_dir / 'report.md'}")
+        return
     start = time.perf_counter()
     if calib is not None:
         console.print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens")
     compress_model(model, cfg, calib)
     seconds = time.perf_counter() - start
-    label = (f"dense {cfg.method.upper()}-{cfg.bits}" if cfg.n == 1 else
+    label = (f"Fourier low-rank {cfg.fourier_fraction:g} + PolarQuant-{cfg.bits}" if cfg.method == "fourier" else
+             f"dense {cfg.method.upper()}-{cfg.bits}" if cfg.n == 1 else
              f"PHM n={cfg.n} B={cfg.num_bases} {cfg.method.upper()}-{cfg.bits}") + f" g{cfg.group_size}"
     rows.append({"label": label, "size": model_size(model, rest_bytes_per_param=dtype_bytes(cfg.rest_dtype))})
     if protocol:
@@ -248,6 +285,72 @@ def train(
     from hyperquant.train import train_command
 
     train_command(model, config, output_dir=output_dir, max_steps=max_steps, resume=resume)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated integers, e.g. 2,4 (got {text!r})")
+
+
+@app.command()
+@_user_errors
+def report(
+    model: Annotated[str | None, typer.Argument(help="Local HF causal-LM folder or .gguf; default: the embedded model")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Sweep YAML (points, grid, measurement options); without it the flags below make the sweep")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder (report.md, report.html, points.json, PNGs)")] = Path("hyperquant-report"),
+    cache: Annotated[Path | None, typer.Option(help="Cache of measured points (default: .<out>.cache beside the report)")] = None,
+    bits: Annotated[str | None, typer.Option(help="Bit widths of the quantized points, comma-separated (default 4)")] = None,
+    n: Annotated[str | None, typer.Option("--n", help="PHM base sizes, comma-separated (default 2,4)")] = None,
+    bases: Annotated[str | None, typer.Option(help="PHM numbers of bases, comma-separated; those <= n^2 are used (default 2)")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Quantization group size (default 128)")] = None,
+    fourier: Annotated[bool | None, typer.Option("--fourier/--no-fourier", help="Include the Fourier low-rank + PolarQuant comparator at the bytes of each PHM shape (default: yes)")] = None,
+    baselines: Annotated[bool | None, typer.Option("--baselines/--no-baselines", help="Include bitsandbytes NF4 and GPTQModel, skipped when the baselines extra is not installed (default: yes)")] = None,
+    latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Export to ONNX and time onnxruntime prefill/decode (default: yes; overrides the YAML)")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens for perplexity (default 4096; overrides the YAML)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder (cached points are reused either way)")] = False,
+) -> None:
+    """Sweep compression settings on MODEL and write a size / accuracy / latency tradeoff report."""
+    import shlex
+
+    from hyperquant.tradeoff.spec import SweepConfig, default_sweep
+    from hyperquant.tradeoff.sweep import run_sweep
+
+    measure = {k: v for k, v in {"latency": latency, "eval_tokens": eval_tokens}.items() if v is not None}
+    if config is not None:
+        if any(v is not None for v in (bits, n, bases, group_size, fourier, baselines)):
+            _fail("--bits, --n, --bases, --group-size, --fourier and --baselines make the sweep when there is no "
+                  "--config; with a YAML, put the points in it")
+        data = SweepConfig.from_yaml(config).to_dict()
+        cfg = SweepConfig.from_dict({**data, **measure, **({"model": model} if model is not None else {})})
+    else:
+        cfg = default_sweep(_int_list(bits or "4", "--bits"), _int_list(n or "2,4", "--n"),
+                            _int_list(bases or "2", "--bases"), group_size or 128,
+                            fourier is not False, baselines is not False, model=model, **measure)
+    if out_dir.exists() and not overwrite:
+        _fail(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    if cfg.model is not None:
+        from hyperquant.models import resolve_source
+
+        resolve_source(cfg.model)  # a wrong path fails before any work
+    command = "hyperquant report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    result = run_sweep(cfg, out_dir, cache, overwrite=overwrite, command=command, console=console)
+    points = result["points"]
+    ok = [p for p in points if p["status"] == "ok"]
+    rows = [[p["label"], f"{p['metrics']['bytes_on_disk'] / 1e6:.1f}", f"{p['metrics']['bits_per_weight']:.2f}",
+             f"{p['metrics']['perplexity']:.4g}",
+             "-" if p["metrics"].get("decode_ms") is None else f"{p['metrics']['decode_ms']:.1f}"] for p in ok]
+    _print_table(["point", "MB", "bits/weight", "perplexity", "decode ms"], rows,
+                 title=f"hyperquant report -> {out_dir}")
+    failed = [p for p in points if p["status"] == "failed"]
+    for p in points:
+        if p["status"] != "ok":
+            out.print(f"{p['status']}: {p['label']}: {p['error']}")
+    out.print(f"{len(ok)} points ({len(result['computed'])} computed now, the rest from the cache); "
+              f"report: {out_dir / 'report.md'}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
 
 from hyperquant.errors import HyperquantError
 from hyperquant.quant.packing import SUPPORTED_BITS
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "fourier")
 INITS = ("activation", "frobenius")
 FIT_TARGETS = ("original", "current")
 REST_DTYPES = ("float32", "float16", "bfloat16")
@@ -18,12 +19,23 @@ class ConfigError(HyperquantError, ValueError):
     pass
 
 
+def from_known_fields(cls, data: dict, what: str):
+    """``cls(**data)`` for a config dataclass, with a clear error for keys it does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class CompressConfig:
     """What `hyperquant.compress` does to each FFN linear.
 
     n = 1 keeps the layer dense (quantization only, the baseline); n >= 2 reparameterizes it as PHM with
     ``num_bases`` n x n bases and quantizes the factors A_cat. ``bits=None`` keeps weights in float.
+    ``method="fourier"`` (with n = 1) instead replaces the weight by a rank-r factorization of its 2-D
+    FFT whose complex factors are PolarQuant-ized (docs/fourier.md), a comparator to PHM.
     """
 
     bits: int | None = 4
@@ -50,6 +62,11 @@ class CompressConfig:
     target_patterns: list[str] | None = None  # regexes on module names; None = the architecture's FFN
     min_features: int = 0  # skip linears whose smaller side is below this
     rest_dtype: str = "float16"  # storage dtype of the weights hyperquant does not compress
+    # method="fourier": fraction of the dense layer's real parameter count the factors keep (sets the rank),
+    # bits of the factors' phases (None = bits), and a per-output-channel scale fitted on calibration data.
+    fourier_fraction: float = 0.25
+    phase_bits: int | None = None
+    diag_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -64,6 +81,16 @@ class CompressConfig:
             raise ConfigError(f"rest_dtype={self.rest_dtype!r} is not supported; use one of {list(REST_DTYPES)}")
         if self.n < 1:
             raise ConfigError(f"n={self.n} must be >= 1 (1 = keep the layer dense)")
+        if self.method == "fourier":
+            if self.bits is None:
+                raise ConfigError(f"method='fourier' quantizes its factors; set bits to one of {list(SUPPORTED_BITS)}")
+            if self.n != 1:
+                raise ConfigError("method='fourier' replaces the weight by a Fourier low-rank factorization; use n=1")
+        if not 0 < self.fourier_fraction <= 1:
+            raise ConfigError(f"fourier_fraction={self.fourier_fraction} must be in (0, 1], e.g. 0.25")
+        if self.phase_bits is not None and self.phase_bits not in SUPPORTED_BITS:
+            raise ConfigError(f"phase_bits={self.phase_bits} is not supported; use one of {list(SUPPORTED_BITS)} "
+                              f"or None (= bits)")
         if self.n == 1 and self.bits is None:
             raise ConfigError("n=1 with bits=None would leave every layer as it is; set bits or n >= 2")
         for b in [self.num_bases, *self.layer_bases.values()]:
@@ -89,7 +116,8 @@ class CompressConfig:
     @property
     def needs_calibration(self) -> bool:
         quantizes_with_gptq = self.bits is not None and self.method == "gptq"
-        return quantizes_with_gptq or (self.n > 1 and self.init == "activation")
+        calibrates_fourier = self.method == "fourier" and self.diag_calibration
+        return quantizes_with_gptq or calibrates_fourier or (self.n > 1 and self.init == "activation")
 
     @property
     def fits_original_outputs(self) -> bool:

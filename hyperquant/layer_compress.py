@@ -1,4 +1,5 @@
-"""Compressing one linear: PHM projection and/or factor quantization, with its error accounting."""
+"""Compressing one linear: PHM projection and/or factor quantization (or the Fourier low-rank comparator),
+with its error accounting."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from torch import nn
 
 from hyperquant.config import CompressConfig
 from hyperquant.convert import linear_bias, linear_weight
+from hyperquant.fourier.calibration import diag_scale
+from hyperquant.fourier.module import FourierLinear
+from hyperquant.fourier.transform import fourier_lowrank, rank_for_fraction, reconstruct
 from hyperquant.linalg import quadratic_form
 from hyperquant.phm.bases import fixed_bases
 from hyperquant.phm.functional import factors_to_cat, kron_weight
@@ -42,6 +46,27 @@ def _quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, cfg: CompressC
     return qw
 
 
+def _fourier(weight: torch.Tensor, bias: torch.Tensor | None, cfg: CompressConfig,
+             input_cov: torch.Tensor | None, record: dict) -> FourierLinear:
+    """Rank-r factors of FFT2(W), PolarQuant-ized, then (with calibration) a per-channel output scale."""
+    out_f, in_f = weight.shape
+    rank = rank_for_fraction(out_f, in_f, cfg.fourier_fraction)
+    p, q = fourier_lowrank(weight.double(), rank)
+    lowrank = reconstruct(p, q, out_f, in_f)
+    new = FourierLinear.from_factors(p, q, cfg.bits, cfg.phase_bits, cfg.group_size, bias)
+    record.update(rank=rank, fourier_fraction=cfg.fourier_fraction, phase_bits=new.phase_bits,
+                  weight_error_lowrank_float=relative_weight_error(weight, lowrank))
+    if input_cov is not None:
+        record["output_error_lowrank_float"] = relative_output_error(weight, lowrank, input_cov)
+        record["output_error_uncalibrated"] = relative_output_error(weight, new.effective_weight(), input_cov)
+        if cfg.diag_calibration:
+            new.set_channel_scale(diag_scale(weight, new.effective_weight(), input_cov))
+            scale = new.channel_scale.float()
+            record.update(channel_scale_min=float(scale.min()), channel_scale_max=float(scale.max()))
+    record["weight_error"] = relative_weight_error(weight, new.effective_weight())
+    return new
+
+
 def compress_linear(
     name: str, module: nn.Module, cfg: CompressConfig, input_cov: torch.Tensor | None,
     cross_cov: torch.Tensor | None = None, original_cov: torch.Tensor | None = None,
@@ -62,7 +87,9 @@ def compress_linear(
     record: dict = {"name": name, "in_features": in_f, "out_features": out_f, "n": n, "num_bases": num_bases,
                     "bits": cfg.bits, "method": cfg.method if cfg.bits else None}
 
-    if n == 1:
+    if cfg.method == "fourier":
+        new = _fourier(weight, bias, cfg, input_cov, record)
+    elif n == 1:
         new = QuantLinear.from_quantized(_quantize(weight, input_cov, cfg, record), bias)
     else:
         if cfg.learn_bases:

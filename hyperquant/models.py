@@ -40,9 +40,11 @@ def default_model_source() -> ModelSource:
     return ModelSource(folder, DEFAULT_GGUF, DEFAULT_NAME)
 
 
-def resolve_source(model: str | os.PathLike | None) -> ModelSource:
+def resolve_source(model: str | os.PathLike | ModelSource | None) -> ModelSource:
     if model is None:
         return default_model_source()
+    if isinstance(model, ModelSource):
+        return model
     path = Path(model)
     if not path.exists():
         raise HyperquantError(f"model path {path} does not exist; give a local Hugging Face model folder or .gguf file")
@@ -74,4 +76,6 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     # re-quantize on reload; the weights are already dequantized to float.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+        if source.gguf_file:
+            model.hf_quantizer = None  # the dequantized float model saves like any other (save_pretrained)
     return model, tokenizer

@@ -230,8 +230,9 @@ def compress(
         if config.needs_calibration:
             if calib_inputs is None:
                 raise HyperquantError(
-                    "this configuration needs calibration data (GPTQ or activation-aware PHM); "
-                    "pass calib_inputs, or use method='rtn' with init='frobenius'"
+                    "this configuration needs calibration data (GPTQ, activation-aware PHM or the Fourier "
+                    "method's channel scales); pass calib_inputs, or use method='rtn' with init='frobenius' "
+                    "(method='fourier': diag_calibration=False)"
                 )
             _compress_sequential(model, targets, config, _batches(calib_inputs, batch_size), log, bar)
         else:

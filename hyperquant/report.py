@@ -47,7 +47,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def layer_error_summary(log: list[dict]) -> dict:
     """Means over layers of the relative errors in the per-layer log (those that are present)."""
     keys = ["weight_error_frobenius", "output_error_frobenius", "output_error_activation", "quant_error",
-            "quant_error_rtn", "output_error", "output_error_to_original"]
+            "quant_error_rtn", "output_error", "output_error_to_original",
+            # method="fourier"
+            "weight_error_lowrank_float", "weight_error", "output_error_lowrank_float", "output_error_uncalibrated"]
     return {k: statistics.fmean(r[k] for r in log if k in r) for k in keys if any(k in r for r in log)}
 
 

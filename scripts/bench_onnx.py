@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from hyperquant.evals.ort_latency import interleaved_latency, run_pass, session_options
 from hyperquant.exporters import OnnxCausalLM, export_checkpoint, export_dense, export_ort_rtn
 
 import hyperquant
@@ -73,35 +72,6 @@ def build(name: str, spec: dict, base, tokenizer, work: Path, ort_block: int, ca
     report = json.loads((out.parent / "export_report.json").read_text())
     print(f"[{name}] exported in {time.perf_counter() - started:.0f}s, parity max rel {report['max_rel_error']:.2e}")
     return out
-
-
-def session_options(threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    return opts
-
-
-def run_pass(lm: OnnxCausalLM, prompt: np.ndarray, follow: np.ndarray) -> tuple[float, list[float]]:
-    """One prefill of ``prompt`` then one decode step per token of ``follow`` (teacher forced, so every
-    variant runs exactly the same shapes). Returns (prefill seconds, [decode seconds])."""
-    mask = np.ones((1, prompt.shape[1]), np.int64)
-    t0 = time.perf_counter()
-    _, past = lm.step(prompt, mask)
-    prefill = time.perf_counter() - t0
-    steps = []
-    for i, token in enumerate(follow):
-        mask = np.ones((1, prompt.shape[1] + i + 1), np.int64)
-        t0 = time.perf_counter()
-        _, past = lm.step(np.array([[token]]), mask, past)
-        steps.append(time.perf_counter() - t0)
-    return prefill, steps
 
 
 def profile_decode(path: Path, prompt, follow, threads: int, out_dir: Path, name: str) -> dict:
@@ -172,28 +142,19 @@ def main() -> None:
 
     tokens = eval_tokens(tokenizer, args.prefill + args.decode + 1).numpy().reshape(-1)
     prompt, follow = tokens[None, : args.prefill], tokens[args.prefill : args.prefill + args.decode]
-    sessions = {name: OnnxCausalLM(p, options=session_options(args.threads)) for name, p in paths.items()}
-    for lm in sessions.values():  # warm-up: allocations, prepacking
-        run_pass(lm, prompt, follow[:4])
-    prefill_s = {n: [] for n in sessions}
-    decode_s = {n: [] for n in sessions}
-    for r in range(args.rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
-        for name in order:
-            p, steps = run_pass(sessions[name], prompt, follow)
-            prefill_s[name].append(p)
-            decode_s[name].append(statistics.median(steps))
+    timings = interleaved_latency(paths, tokens, args.prefill, args.decode, args.rounds, args.threads)
 
     rows = []
-    for name in sessions:
-        folder = paths[name].parent
+    for name, path in paths.items():
+        folder = path.parent
         report = json.loads((folder / "export_report.json").read_text())
         size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-        pf, dc = statistics.median(prefill_s[name]), statistics.median(decode_s[name])
+        t = timings[name]
+        pf, dc = t["prefill_ms"], t["decode_ms"]
         rows.append({"name": name, "label": specs[name]["label"], "file_mb": size / 1e6,
-                     "prefill_ms": pf * 1e3, "prefill_tok_s": args.prefill / pf, "decode_ms": dc * 1e3,
-                     "decode_tok_s": 1 / dc, "prefill_rounds_ms": [x * 1e3 for x in prefill_s[name]],
-                     "decode_rounds_ms": [x * 1e3 for x in decode_s[name]], "parity_rel": report["max_rel_error"],
+                     "prefill_ms": pf, "prefill_tok_s": args.prefill / pf * 1e3, "decode_ms": dc,
+                     "decode_tok_s": 1e3 / dc, "prefill_rounds_ms": t["prefill_rounds_ms"],
+                     "decode_rounds_ms": t["decode_rounds_ms"], "parity_rel": report["max_rel_error"],
                      "nodes": report["nodes"], "ort_rtn_nodes": report.get("ort_rtn_nodes")})
     base_row = next(r for r in rows if r["name"] == BASELINE)
     for r in rows:
@@ -203,7 +164,7 @@ def main() -> None:
     profiles = {}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        for name in [BASELINE, *[n for n in sessions if n.startswith("phm4")]]:
+        for name in [BASELINE, *[n for n in paths if n.startswith("phm4")]]:
             profiles[name] = profile_decode(paths[name], prompt, follow[:8], args.threads, args.out, name)
 
     import platform

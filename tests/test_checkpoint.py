@@ -17,6 +17,9 @@ CONFIGS = {
     "phm-float": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius", rest_dtype="float32"),
     "phm-bf16-rest": CompressConfig(bits=4, n=2, num_bases=2, group_size=16, rest_dtype="bfloat16"),
     "phm-float-fp16-rest": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius"),
+    "fourier-4": CompressConfig(method="fourier", n=1, bits=4),
+    "fourier-3-4-bf16-rest": CompressConfig(method="fourier", n=1, bits=3, phase_bits=4, group_size=16,
+                                            fourier_fraction=0.5, rest_dtype="bfloat16"),
 }
 
 

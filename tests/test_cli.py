@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from hyperquant.cli import app
 
 runner = CliRunner()
-FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-tokens", "256", "--group-size", "16"]
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-tokens", "256", "--group-size", "16", "--no-train"]
 
 
 def run(*args):
@@ -98,7 +98,7 @@ def test_interrupted_compress_leaves_no_output(tiny_model_dir, tmp_path, monkeyp
 
 def test_export_command(tiny_model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    assert run("compress", tiny_model_dir, "--out", ckpt, "--eval-tokens", "0", *FAST[:4], "--group-size", "16").exit_code == 0
+    assert run("compress", tiny_model_dir, "--out", ckpt, "--eval-tokens", "0", *FAST[:4], "--group-size", "16", "--no-train").exit_code == 0
     result = run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "export_report.json").read_text())

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hyperquant.config import ConfigError
+from hyperquant.config import ConfigError, from_known_fields
 from hyperquant.quant.packing import SUPPORTED_BITS
 
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -37,6 +37,10 @@ class TrainConfig:
     per_device_batch_size: int = 4
     grad_accum_steps: int = 1
     max_steps: int = 200
+    # Time budget (minutes) of the optimizer steps. The first step is timed and the run is re-planned to
+    # the steps that fit: max_steps and every step-valued option below (warmup, fade, Stage B, QAT start,
+    # save/eval intervals) are scaled by the same factor, so the schedule keeps its shape.
+    max_minutes: float | None = None
     seed: int = 0
     lr: float = 2e-4
     lora_lr: float | None = None  # None = lr
@@ -156,12 +160,52 @@ class TrainConfig:
         need(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
         need(bool(self.lora_targets) or self.lora_r == 0, "lora_targets must not be empty")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1 or null")
+        need(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0 or null")
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0")
         need(all(0.0 <= a <= 1.0 for a in self.eval_alphas), "eval_alphas must lie in [0, 1]")
 
     @property
     def stage_b(self) -> int:
         return self.fade_steps if self.stage_b_step is None else self.stage_b_step
+
+    def scaled_to(self, max_steps: int) -> TrainConfig:
+        """This schedule stretched or shrunk to ``max_steps`` optimizer steps (every step-valued option
+        scaled by the same factor; intervals that were on stay >= 1)."""
+        factor = max_steps / self.max_steps
+
+        def scale(value: int | None, keep_on: bool = False) -> int | None:
+            if value is None:
+                return None
+            scaled = min(round(value * factor), max_steps)
+            return max(scaled, 1) if keep_on and value > 0 else scaled
+
+        fade = scale(self.fade_steps)
+        stage_b = scale(self.stage_b_step)
+        return self.replace(max_steps=max_steps, warmup_steps=scale(self.warmup_steps), fade_steps=fade,
+                            stage_b_step=None if stage_b is None else max(stage_b, fade),
+                            qat_start_step=scale(self.qat_start_step),
+                            save_every=scale(self.save_every, keep_on=True),
+                            eval_every=scale(self.eval_every, keep_on=True))
+
+    SCHEDULE_FIELDS = ("max_steps", "warmup_steps", "fade_steps", "stage_b_step", "qat_start_step", "save_every",
+                       "eval_every")
+
+    def schedule(self) -> dict:
+        return {name: getattr(self, name) for name in self.SCHEDULE_FIELDS}
+
+    def replanned(self, template: TrainConfig, done: int, max_steps: int) -> TrainConfig:
+        """``template`` scaled to ``max_steps``, keeping this schedule's milestones (warmup end, fade end,
+        Stage B, QAT start) that step ``done`` has already reached: a re-plan never moves the past."""
+        values = template.scaled_to(max_steps).schedule()
+        for name in ("warmup_steps", "fade_steps", "qat_start_step"):
+            old = getattr(self, name)
+            if old is not None and old <= done:
+                values[name] = old
+        if self.stage_b <= done:
+            values["stage_b_step"] = self.stage_b
+        if values["stage_b_step"] is not None:
+            values["stage_b_step"] = max(values["stage_b_step"], values["fade_steps"])
+        return self.replace(**values)
 
     def lora_modules(self) -> list[str]:
         return list(self.lora_targets) + (["o_proj"] if self.lora_include_o and "o_proj" not in self.lora_targets else [])
@@ -174,20 +218,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, "training option")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        import yaml
+        return cls.from_dict(read_yaml_options(path))
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"training config {path} does not exist")
+
+def read_yaml_options(path: str | Path) -> dict:
+    """The option: value mapping of a YAML file (not yet validated: TrainConfig.from_dict does that)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    try:
         data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of option: value")
-        return cls.from_dict(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value")
+    return data

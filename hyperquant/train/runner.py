@@ -11,7 +11,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -42,6 +41,8 @@ from hyperquant.train.losses import causal_lm_loss, kd_loss
 CSV_FIELDS = ["step", "stage", "mean_alpha", "lr", "loss", "ce", "kd", "recon", "lambda_kd", "qat", "tokens",
               "time_s"]
 KEEP_CHECKPOINTS = 2
+PLAN_AFTER_STEPS = 2  # a budgeted run is first planned from the time of its second step
+REPLAN_AT = (0.25, 0.5, 0.75)  # then re-planned at these fractions of its time budget
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -254,15 +255,17 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
 
 
-def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
-          eval_ids: torch.Tensor | None = None, stop_after: int | None = None) -> dict:
+def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
+          eval_ids: torch.Tensor | None = None, stop_after: int | None = None,
+          model: nn.Module | None = None, tokenizer=None) -> dict:
     """Train the PHM replacement of ``model_dir``'s FFNs (None = the embedded default model) and export it.
 
     Writes to cfg.output_dir: checkpoints/step-N (resumable), metrics.csv/.jsonl, eval.jsonl,
     capacity.json/.md (when capacity != none), summary.json and final/ (a `hyperquant.load`-able
     checkpoint, when cfg.export). ``train_ids`` (rows of seq_len tokens) and ``eval_ids`` (1-D) replace
     the default Wikipedia calibration/evaluation text. ``stop_after``: leave after this many optimizer steps
-    with a checkpoint (a time-limited job; run again with resume to continue). Returns the summary dict."""
+    with a checkpoint (a time-limited job; run again with resume to continue). ``model`` and ``tokenizer``:
+    the already loaded ``model_dir`` (trained in place) instead of loading it again. Returns the summary."""
     from hyperquant.data import calibration_ids, eval_tokens
     from hyperquant.models import load_model, resolve_source
 
@@ -275,7 +278,8 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
     torch.manual_seed(cfg.seed)
 
     source = resolve_source(model_dir)
-    model, tokenizer = load_model(source)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(source)
     if train_ids is None:
         train_ids = calibration_ids(tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
     train_ids = train_ids[:, : cfg.seq_len]
@@ -286,6 +290,12 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
     ckpt = latest_checkpoint(output_dir) if cfg.resume else None
     state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt is not None else None
     start_step = state["step"] if state else 0
+    # A budgeted run re-plans its steps from their measured time (after step 2, then at 25/50/75 % of the
+    # budget); a resumed one keeps the schedule its checkpoint recorded.
+    template = cfg
+    replans = [] if cfg.max_minutes is None or start_step > 0 else [None, *REPLAN_AT]
+    if state is not None and cfg.max_minutes is not None and state.get("schedule"):
+        cfg = cfg.replace(**state["schedule"])
 
     # capacity: Fisher on the dense model, B per layer (kept from the checkpoint on resume)
     layer_bases = dict(cfg.layer_bases)
@@ -343,7 +353,7 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
     t0 = time.perf_counter()
     step = start_step
     end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
-    for step in range(start_step, end_step):
+    while step < end_step:
         if step >= cfg.stage_b and has_dense(unwrapped):
             drop_dense(unwrapped)
         qat_on = cfg.qat_start_step is not None and step >= cfg.qat_start_step
@@ -402,6 +412,28 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", alpha=f"{mean_alpha:.2f}", stage=row["stage"])
         done = step + 1
+        step = done
+        if done == 1:
+            first_step_end = time.perf_counter()
+        elapsed = time.perf_counter() - t0
+        if replans and (done == cfg.max_steps or (done >= PLAN_AFTER_STEPS and (
+                replans[0] is None or elapsed >= replans[0] * 60 * cfg.max_minutes))):
+            replans.pop(0)
+            # Seconds per step since the first (which carries one-off costs); every process must agree.
+            seconds = (time.perf_counter() - first_step_end) / (done - 1) if done > 1 else elapsed
+            seconds = accelerator.reduce(torch.tensor([seconds], device=accelerator.device), reduction="mean").item()
+            fit = max(done, done + int((cfg.max_minutes * 60 - elapsed) / max(seconds, 1e-6)))
+            cfg = cfg.replanned(template, done, fit)  # the LR lambda reads `cfg` through this closure
+            end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+            if done >= end_step:
+                replans.clear()
+            if bar is not None:
+                bar.total = cfg.max_steps
+                bar.refresh()
+            if main:
+                with open(output_dir / "plan.jsonl", "a") as f:
+                    f.write(json.dumps({"after_step": done, "elapsed_s": round(elapsed, 2), "step_s": seconds,
+                                        "max_minutes": cfg.max_minutes, **cfg.schedule()}) + "\n")
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and main:
             ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
             log.evaluation(ev)
@@ -409,14 +441,16 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if main:
                 save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
-                                {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+                                {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
+                             "schedule": cfg.schedule()})
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
     if end_step < cfg.max_steps:
         if main and end_step > start_step:
             save_checkpoint(output_dir, end_step, unwrapped, optimizer, scheduler,
-                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
+                             "schedule": cfg.schedule()})
         accelerator.wait_for_everyone()
         return {"steps": end_step, "stopped": True, "processes": world, "layer_bases": layer_bases,
                 "output_dir": str(output_dir), "train_time_s": time.perf_counter() - t0}
@@ -428,7 +462,8 @@ def train(model_dir: str | os.PathLike | None, cfg: TrainConfig, *, train_ids: t
     if main:
         if done > start_step or state is None:
             save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
-                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict()})
+                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
+                             "schedule": cfg.schedule()})
         ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
         log.evaluation(ev)
         history.append(ev)
