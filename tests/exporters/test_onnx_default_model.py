@@ -3,12 +3,15 @@ the KV cache, and generate greedily in onnxruntime exactly as torch does."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hyperquant.exporters import export_checkpoint, generate
 
 import hyperquant
 from hyperquant import CompressConfig
+from hyperquant.data import eval_tokens
 
 
 @pytest.mark.slow
@@ -23,7 +26,19 @@ def test_default_model_phm4_export_generates_like_torch(tmp_path):
     folder = hyperquant.save_compressed(model, tmp_path / "ckpt", tokenizer)
     report = export_checkpoint(folder, tmp_path / "onnx" / "model.onnx")
     assert report["nodes"] == {"PHMMatMulNBits": 12}
-    assert {"real_prefill", "real_decode"} <= set(report["parity"]) and report["max_rel_error"] < 1e-4
+    assert {"real_prefill", "real_decode"} <= set(report["parity"])
+    # At accuracy level 0 both runtimes compute the same dequantized weights in fp32, so they may differ
+    # only by summation order. The scale of that noise is measured, not guessed: torch fp32 against the
+    # same model in float64, on the parity check's real prompt (63 tokens). Any real defect (a wrong
+    # zero point, scale or mixing sign) is orders of magnitude above it.
+    prompt = eval_tokens(tokenizer, 64).reshape(1, -1)[:, :63]
+    with torch.no_grad():
+        fp32 = model(prompt).logits.double()
+        fp64 = copy.deepcopy(model).double()(prompt).logits
+    torch_noise = float((fp32 - fp64).abs().max() / fp64.abs().max())
+    assert 0 < torch_noise < 1e-3  # measured 1.0e-4; ORT was 0.6x that on this prompt, 1.1x on random ids
+    assert report["parity"]["real_prefill"]["rel"] <= 4 * torch_noise, (report["parity"], torch_noise)
+    assert report["max_rel_error"] <= 8 * torch_noise, (report["parity"], torch_noise)
 
     prompt = "The capital of France is"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
