@@ -350,6 +350,11 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         row = {"step": 0, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
         log.evaluation(row)
         history.append(row)
+    def save_state(at_step: int) -> None:
+        save_checkpoint(output_dir, at_step, unwrapped, optimizer, scheduler,
+                        {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
+                         "schedule": cfg.schedule()})  # `cfg` as re-planned at the time of saving
+
     t0 = time.perf_counter()
     step = start_step
     end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
@@ -440,17 +445,13 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
             history.append(ev)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if main:
-                save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
-                                {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
-                             "schedule": cfg.schedule()})
+                save_state(done)
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
     if end_step < cfg.max_steps:
         if main and end_step > start_step:
-            save_checkpoint(output_dir, end_step, unwrapped, optimizer, scheduler,
-                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
-                             "schedule": cfg.schedule()})
+            save_state(end_step)
         accelerator.wait_for_everyone()
         return {"steps": end_step, "stopped": True, "processes": world, "layer_bases": layer_bases,
                 "output_dir": str(output_dir), "train_time_s": time.perf_counter() - t0}
@@ -461,9 +462,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
                      "layer_bases": layer_bases, "output_dir": str(output_dir)}
     if main:
         if done > start_step or state is None:
-            save_checkpoint(output_dir, done, unwrapped, optimizer, scheduler,
-                            {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
-                             "schedule": cfg.schedule()})
+            save_state(done)
         ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
         log.evaluation(ev)
         history.append(ev)
