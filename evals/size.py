@@ -9,46 +9,37 @@ import torch
 from torch import nn
 
 from hyperquant.convert import find_ffn_linears, is_conv1d, linear_weight
-from hyperquant.fourier.module import FourierLinear
-from hyperquant.phm.layer import PHMLinear
-from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
-
-_COMPRESSED = (QuantLinear, QuantPHMLinear, PHMLinear, FourierLinear)
+from hyperquant.kinds import kind_of
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+def _compressed_types() -> tuple[type, ...]:
+    from hyperquant.kinds import registered_kinds
+
+    return tuple(t for kind in registered_kinds().values() for t in kind.module_types)
+
+
 def _linear_macs(module: nn.Module) -> int:
-    if isinstance(module, _COMPRESSED):
-        return module.macs_per_token()["total"]
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.macs_per_token(module)
     out_f, in_f = linear_weight(module).shape
     return out_f * in_f
 
 
-def _weights_of(module: nn.Module, float_bytes: int) -> tuple[int, int, float]:
-    """(parameters it represents, bytes it stores, weights of the dense layer it stands for)."""
-    if isinstance(module, QuantLinear | QuantPHMLinear):
-        stored = module.packed_bytes() + (module.bias.numel() * float_bytes if module.bias is not None else 0)
-        params = module.q_rows * module.q_cols + (module.bias.numel() if module.bias is not None else 0)
-        if isinstance(module, QuantPHMLinear):
-            params += module.bases.numel()
-            stored += module.bases.numel() * 4
-        return params, stored, module.in_features * module.out_features
-    if isinstance(module, FourierLinear):
-        # Packed magnitude/phase codes, fp16 magnitude scales and channel scale; the factors represent
-        # 2 r (out + in) real values (magnitude and phase of every complex entry of P and Q).
-        bias = module.bias.numel() if module.bias is not None else 0
-        params = 2 * module.rank * (module.in_features + module.out_features) + bias
-        return params, module.packed_bytes() + bias * float_bytes, module.in_features * module.out_features
-    if isinstance(module, PHMLinear):
-        # Float PHM layers are stored in their own dtype (the checkpoint leaves them as they are).
-        tensors = [module.factors, module.bases] + ([module.bias] if module.bias is not None else [])
-        params = sum(t.numel() for t in tensors)
-        return params, sum(t.numel() * t.element_size() for t in tensors), module.in_features * module.out_features
+def _weights_of(module: nn.Module, float_bytes: int | None) -> tuple[int, int, float]:
+    """(parameters it represents, bytes it stores, weights of the dense layer it stands for). A compressed
+    module is counted by its kind (its tensors as stored); a plain linear at ``float_bytes`` per weight
+    (None: its dtype's size)."""
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.parameters(module), kind.stored_bytes(module), module.in_features * module.out_features
     params = sum(p.numel() for p in module.parameters())
-    return params, params * float_bytes, linear_weight(module).numel()
+    stored = sum(p.numel() * (float_bytes or p.element_size()) for p in module.parameters())
+    return params, stored, linear_weight(module).numel()
 
 
 def model_size(model: nn.Module, rest_bytes_per_param: int | None = None, ffn_names: list[str] | None = None) -> dict:
@@ -59,15 +50,16 @@ def model_size(model: nn.Module, rest_bytes_per_param: int | None = None, ffn_na
     Multiply-adds per token count every linear layer (FFN, attention projections, LM head);
     attention's score/value products depend on the context and are left out.
     """
+    compressed_types = _compressed_types()
     if ffn_names is None:
-        ffn_names = list(find_ffn_linears(model, _compressed_or_default_patterns(model), extra_types=_COMPRESSED))
+        ffn_names = list(find_ffn_linears(model, _compressed_or_default_patterns(model), extra_types=compressed_types))
     ffn = {name: model.get_submodule(name) for name in ffn_names}
     seen: set[int] = set()
     total_params = total_bytes = 0
     covered: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, _COMPRESSED):
-            p, b, _ = _weights_of(module, rest_bytes_per_param or 4)
+        if kind_of(module) is not None:
+            p, b, _ = _weights_of(module, rest_bytes_per_param)
             total_params += p
             total_bytes += b
             covered.add(name)
@@ -80,10 +72,10 @@ def model_size(model: nn.Module, rest_bytes_per_param: int | None = None, ffn_na
     ffn_params = ffn_bytes = 0
     ffn_dense_weights = 0.0
     for module in ffn.values():
-        p, b, dense = _weights_of(module, rest_bytes_per_param or 4)
+        p, b, dense = _weights_of(module, rest_bytes_per_param)
         ffn_params, ffn_bytes, ffn_dense_weights = ffn_params + p, ffn_bytes + b, ffn_dense_weights + dense
     macs = sum(_linear_macs(m) for m in model.modules()
-               if isinstance(m, (nn.Linear, *_COMPRESSED)) or is_conv1d(m))
+               if isinstance(m, (nn.Linear, *compressed_types)) or is_conv1d(m))
     return {
         "params": total_params,
         "bytes": total_bytes,

@@ -17,8 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,13 +26,13 @@ import torch
 from hyperquant.exporters.ops import (
     ACCURACY_LEVELS,
     attach_functions,
-    check_bits,
     export_modules,
     translation_table,
 )
 from hyperquant.exporters.runtime import OnnxCausalLM, make_session, providers_for
 from torch import nn
 
+from hyperquant.atomic import atomic_output_files
 from hyperquant.errors import HyperquantError
 
 DEFAULT_OPSET = 21
@@ -267,26 +265,12 @@ def _targets(out_path: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _staging(out_path: Path, overwrite: bool):
-    """A temporary folder beside ``out_path``; on success its files replace the targets (data, report,
-    then the model last, each by an atomic rename); on any error it is removed."""
+    """A temporary folder beside ``out_path``; on success its files replace the model, its external data
+    and the report (the model last); on any error it is removed."""
     if out_path.suffix != ".onnx":
         raise HyperquantError(f"--out {out_path} must be a file path ending in .onnx")
-    existing = [p for p in _targets(out_path) if p.exists()]
-    if existing and not overwrite:
-        raise HyperquantError(f"output {existing[0]} already exists; pass --overwrite or choose another --out")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    with atomic_output_files(_targets(out_path), overwrite) as tmp:
         yield tmp
-        staged = {p.name: tmp / p.name for p in _targets(out_path)}
-        data = out_path.with_name(out_path.name + ".data")
-        if data.exists() and not staged[data.name].exists():
-            data.unlink()  # an old external-data file the new model does not use
-        for target in reversed(_targets(out_path)):
-            if staged[target.name].exists():
-                os.replace(staged[target.name], target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,12 +396,9 @@ def export_checkpoint(
     from hyperquant.checkpoint import load, read_hyperquant_config
 
     folder = Path(folder)
-    config = read_hyperquant_config(folder)  # one-line errors: missing folder, another format version
+    read_hyperquant_config(folder)  # one-line errors: missing folder, another format version
     _check_options(accuracy_level, opset, device)
-    for name, spec in config["hyperquant"]["layers"].items():
-        if spec.get("bits") is not None:
-            check_bits(spec["bits"], f"{folder}: layer {name}")
-    model = load(folder)
+    model = load(folder)  # a layer that cannot be exported is refused before tracing (export_modules)
     return export_model(model, out_path, _load_tokenizer(folder), accuracy_level=accuracy_level, opset=opset,
                         device=device, with_cache=with_cache, overwrite=overwrite, rest_bits=rest_bits,
                         source=str(folder))

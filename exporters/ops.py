@@ -28,6 +28,8 @@ from torch import nn
 
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
+from hyperquant.kinds import ORT_SUPPORTED_BITS, kind_of
+from hyperquant.kinds.dense import matmul_nbits_reason
 from hyperquant.phm.functional import phm_forward
 from hyperquant.phm.layer import PHMLinear
 from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
@@ -37,8 +39,6 @@ DOMAIN = "hyperquant"
 DOMAIN_VERSION = 1
 MS_DOMAIN = "com.microsoft"
 BIAS_OVERLOAD = "bias"
-# Bit widths com.microsoft.MatMulNBits runs on onnxruntime's CPU kernel (1.32 refuses 3 bits at load).
-ORT_SUPPORTED_BITS = (2, 4, 8)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 NBITS_ATTRS = ("K", "N", "bits", "block_size", "accuracy_level")
 
@@ -96,10 +96,9 @@ def _matmul_nbits_fake(x, qweight, scales, qzeros, bias, bits, group_size, k):
 
 
 def check_bits(bits: int, where: str) -> None:
-    if bits not in ORT_SUPPORTED_BITS:
-        raise HyperquantError(
-            f"{where}: bits={bits} cannot be exported; onnxruntime's MatMulNBits runs {list(ORT_SUPPORTED_BITS)} "
-            f"bits only, so compress with --bits 4 (or 2, 8)")
+    reason = matmul_nbits_reason(bits)
+    if reason is not None:
+        raise HyperquantError(f"{where}: {reason}")
 
 
 def _register_packed(module: nn.Module, src: nn.Module, dtype: torch.dtype) -> None:
@@ -143,23 +142,18 @@ class ExportPHMLinear(nn.Module):
 
 
 def export_module_for(module: nn.Module, name: str, dtype: torch.dtype = torch.float32) -> nn.Module | None:
-    """The export stand-in of a hyperquant module, or None for any other module."""
-    if isinstance(module, QuantPHMLinear):
-        check_bits(module.bits, name)
-        return ExportQuantPHMLinear(module, dtype)
-    if isinstance(module, QuantLinear):
-        check_bits(module.bits, name)
-        return ExportQuantLinear(module, dtype)
-    if isinstance(module, PHMLinear):
-        return ExportPHMLinear(module, dtype)
-    return None
+    """The export stand-in of a hyperquant module (its kind's), or None for any other module. A kind
+    without an export raises NoExport with its reason."""
+    kind = kind_of(module)
+    return None if kind is None else kind.export_module(module, name, dtype)
 
 
 @contextlib.contextmanager
 def export_modules(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[dict[str, str]]:
     """Swap every hyperquant layer for its export stand-in; restore the originals on exit.
 
-    Yields {module name: kind} of the swapped layers. Unsupported bit widths raise before any swap.
+    Yields {module name: module type} of the swapped layers. A layer that cannot be exported raises
+    before any swap.
     """
     swaps = {}
     for name, module in model.named_modules():

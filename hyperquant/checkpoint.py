@@ -1,68 +1,60 @@
 """The compressed checkpoint: a folder written atomically, and `load` that rebuilds the model.
 
-Layout: config.json (the model's config plus a `hyperquant` section: format version, compress config
-and one entry per compressed layer), model.safetensors (packed integer weights in MatMulNBits layout,
-fp16 scales, packed zero points, bases, and the other weights in `rest_dtype`), tokenizer files,
-quant_log.json and report.md.
+Layout: config.json (the model's config plus a `hyperquant` section: format version, compress config,
+the per-layer plan and one module spec per compressed layer), model.safetensors (each compressed
+module's state as its kind stores it, e.g. packed codes in MatMulNBits layout with fp16 scales; the
+other weights in `rest_dtype`), tokenizer files, quant_log.json and report.md. Format 1 checkpoints
+(before the plan existed) still load: their specs are upgraded on read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hyperquant.atomic import atomic_output_dir
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
-from hyperquant.fourier.module import FourierLinear
-from hyperquant.phm.layer import PHMLinear
+from hyperquant.kinds import kind_named, kind_of
 from hyperquant.pipeline import FORMAT_VERSION
-from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
 
 WEIGHTS_NAME = "model.safetensors"
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
-    """One entry per compressed layer: everything needed to rebuild its empty module."""
+    """One entry per compressed layer: its kind and what that kind needs to rebuild the empty module."""
     specs = {}
-    for name, m in model.named_modules():
-        common = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None} \
-            if isinstance(m, (QuantLinear, QuantPHMLinear, PHMLinear, FourierLinear)) else None
-        if isinstance(m, FourierLinear):
-            specs[name] = {"kind": "fourier", "rank": m.rank, "bits": m.bits, "phase_bits": m.phase_bits,
-                           "group_size": m.group_size, **common}
-        elif isinstance(m, QuantLinear):
-            specs[name] = {"kind": "dense", "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-                           **common}
-        elif isinstance(m, QuantPHMLinear):
-            specs[name] = {"kind": "phm", "n": m.n, "num_bases": m.num_bases, "bits": m.bits,
-                           "group_size": m.group_size, "symmetric": m.symmetric, **common}
-        elif isinstance(m, PHMLinear):
-            specs[name] = {"kind": "phm", "n": m.n, "num_bases": m.num_bases, "bits": None,
-                           "learn_bases": m.learn_bases, **common}
+    for name, module in model.named_modules():
+        kind = kind_of(module)
+        if kind is not None:
+            specs[name] = {"kind": kind.name, "in_features": module.in_features,
+                           "out_features": module.out_features, "bias": module.bias is not None,
+                           **kind.spec(module)}
     return specs
 
 
 def _module_from_spec(spec: dict) -> nn.Module:
-    io_kw = {"in_features": spec["in_features"], "out_features": spec["out_features"], "bias": spec["bias"]}
-    if spec["kind"] == "fourier":
-        return FourierLinear(rank=spec["rank"], bits=spec["bits"], phase_bits=spec["phase_bits"],
-                             group_size=spec["group_size"], **io_kw)
-    if spec["kind"] == "dense":
-        return QuantLinear(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["symmetric"], **io_kw)
-    if spec["bits"] is None:
-        return PHMLinear(n=spec["n"], num_bases=spec["num_bases"], learn_bases=spec.get("learn_bases", False),
-                         **io_kw)
-    return QuantPHMLinear(n=spec["n"], num_bases=spec["num_bases"], bits=spec["bits"],
-                          group_size=spec["group_size"], symmetric=spec["symmetric"], **io_kw)
+    kind = kind_named(spec["kind"])
+    return kind.empty(spec["in_features"], spec["out_features"], spec["bias"], spec)
+
+
+# Format 1 named the kinds by family; format 2 names each registered kind.
+_V1_KINDS = {"dense": "dense-quant", "fourier": "fourier"}
+
+
+def _upgrade_v1(section: dict) -> dict:
+    layers = {}
+    for name, spec in section["layers"].items():
+        kind = _V1_KINDS.get(spec["kind"]) or ("phm-float" if spec.get("bits") is None else "phm-quant")
+        layers[name] = {**spec, "kind": kind}
+    return {**section, "layers": layers, "format_version": FORMAT_VERSION, "upgraded_from": 1}
 
 
 def _state_to_save(model: nn.Module, rest_dtype: torch.dtype, compressed: set[str]) -> dict[str, torch.Tensor]:
@@ -78,32 +70,6 @@ def _state_to_save(model: nn.Module, rest_dtype: torch.dtype, compressed: set[st
             tensor = tensor.to(rest_dtype)
         out[name] = tensor.contiguous()
     return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``, on any error
-    (or Ctrl-C) it is removed, so no half-written output is ever left."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
 
 
 def save_compressed(
@@ -150,9 +116,13 @@ def read_hyperquant_config(folder: str | os.PathLike) -> dict:
         raise HyperquantError(f"{folder} has no hyperquant section in config.json; it is not a hyperquant "
                               f"checkpoint (compress it with `hyperquant compress`)")
     version = section.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise HyperquantError(f"{folder} was written in checkpoint format {version}; this hyperquant reads "
-                              f"format {FORMAT_VERSION}: re-run `hyperquant compress` with this version")
+                              f"formats {list(READABLE_VERSIONS)}: re-run `hyperquant compress` with this version")
+    if version == 1:
+        config["hyperquant"] = _upgrade_v1(section)
+    for name, spec in config["hyperquant"]["layers"].items():
+        kind_named(spec.get("kind", "?"))  # an unknown kind fails here, with the registered ones listed
     return config
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,21 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Compress transformer FFNs into PHM layers with low-bit factors; evaluate and inspect them.")
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs and pipes
+log = logging.getLogger("hyperquant.cli")
+
+
+@app.callback()
+def _configure_logging() -> None:
+    """The library logs through `logging` ("hyperquant.*"); the command line shows INFO and above on stderr."""
+    from rich.logging import RichHandler
+
+    library = logging.getLogger("hyperquant")
+    library.setLevel(logging.INFO)
+    if not any(getattr(h, "_hyperquant_cli", False) for h in library.handlers):
+        handler = RichHandler(console=console, show_time=False, show_path=False, show_level=False,
+                              markup=False, highlighter=None)
+        handler._hyperquant_cli = True
+        library.addHandler(handler)
 
 
 def _fail(message: str) -> None:
@@ -77,17 +93,23 @@ def compress(
     PHM layers (n >= 2) are trained by distillation from the dense model for --train-minutes, then
     quantized; --no-train gives the post-training result in a few minutes."""
     from hyperquant.config import CompressConfig
+    from hyperquant.plan import config_slug
 
-    cfg = CompressConfig(bits=bits, method=method, n=n, num_bases=bases, group_size=group_size, init=init,
-                         learn_bases=learn_bases, symmetric=symmetric, act_order=act_order,
-                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
-                         fourier_fraction=fourier_fraction)
+    if method == "fourier":  # the comparator kind for every target; n and --bases do not apply
+        if n not in (1, 2):
+            _fail("--method fourier replaces each weight by a Fourier low-rank factorization; drop --n")
+        cfg = CompressConfig(n=1, bits=None, group_size=group_size, calib_samples=calib_samples,
+                             calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
+                             layers={".*": {"kind": "fourier", "fraction": fourier_fraction, "bits": bits,
+                                            "group_size": group_size}})
+    else:
+        cfg = CompressConfig(bits=bits, method=method, n=n, num_bases=bases, group_size=group_size, init=init,
+                             learn_bases=learn_bases, symmetric=symmetric, act_order=act_order,
+                             calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype)
     if eval_tokens < 0:
         _fail("--eval-tokens must be >= 0")
-    training = train and n > 1
-    setting = (f"fourier{fourier_fraction:g}-{bits}" if method == "fourier" else f"dense-{method}{bits}" if n == 1
-               else f"phm-n{n}b{bases}-{method}{bits}") + \
-        ("-qat" if training and qat else "-trained" if training else "")
+    training = train and n > 1 and method != "fourier"
+    setting = config_slug(cfg) + ("-qat" if training and qat else "-trained" if training else "")
     out_dir = out_dir or Path("hyperquant-out") / setting
     if out_dir.exists() and not overwrite:
         _fail(f"output {out_dir} already exists; pass --overwrite or choose another --out")
@@ -111,67 +133,44 @@ def compress(
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
                  train_cfg=None) -> None:
-    from hyperquant.checkpoint import save_compressed
     from hyperquant.data import calibration_ids
     from hyperquant.data import eval_tokens as held_out_tokens
-    from hyperquant.evals import PerplexityProtocol, model_size, perplexity
-    from hyperquant.evals.size import dtype_bytes
+    from hyperquant.evals import PerplexityProtocol
+    from hyperquant.job import Evaluation, compress_to_folder, measure
     from hyperquant.models import load_model, resolve_source
-    from hyperquant.pipeline import compress as compress_model
-    from hyperquant.pipeline import compress_targets
-    from hyperquant.report import SUMMARY_COLUMNS, compress_report_md, summary_rows
+    from hyperquant.plan import resolve_plan
+    from hyperquant.report import SUMMARY_COLUMNS, summary_rows
 
     source = resolve_source(model_arg)
-    console.print(f"loading {source}")
+    log.info("loading %s", source)
     model, tokenizer = load_model(source)
-    compress_targets(model, cfg)  # shape errors (n not dividing a layer) before any long work
+    resolve_plan(model, cfg)  # shape errors (n not dividing a layer) before any long work
     calib = calibration_ids(tokenizer, cfg.calib_samples, cfg.calib_seq_len, texts=calib_texts) \
         if cfg.needs_calibration and train_cfg is None else None
     protocol = PerplexityProtocol(num_tokens=eval_tokens) if eval_tokens else None
-    ids = held_out_tokens(tokenizer, eval_tokens) if protocol else None
-    rows = [{"label": "original (fp32)", "size": model_size(model)}]
-    if protocol:
-        console.print("perplexity of the original model")
-        rows[0]["perplexity"] = perplexity(model, ids, protocol)["perplexity"]
+    evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol)
+    rows = [measure(model, "original (fp32)", evaluation)]
     if train_cfg is not None:
         from hyperquant.train.compress import train_and_compress
 
         train_ids = calibration_ids(tokenizer, train_cfg.train_samples, train_cfg.seq_len, train_cfg.data_seed,
                                     texts=calib_texts)
-        console.print(f"training the PHM layers for about {train_cfg.max_minutes} min on up to "
-                      f"{train_ids.numel():,} tokens (--no-train: post-training only)")
-        train_and_compress(source, model, tokenizer, cfg, train_cfg, out_dir, overwrite, train_ids,
-                           ids if ids is not None else held_out_tokens(tokenizer, train_cfg.eval_tokens),
-                           protocol, rows, console)
+        log.info("training the PHM layers for about %s min on up to %s tokens (--no-train: post-training only)",
+                 train_cfg.max_minutes, f"{train_ids.numel():,}")
+        if evaluation.eval_ids is None:
+            evaluation = Evaluation(held_out_tokens(tokenizer, train_cfg.eval_tokens), None)
+        train_and_compress(source, model, tokenizer, cfg, train_cfg, out_dir, overwrite, train_ids, evaluation,
+                           rows)
         _print_table(SUMMARY_COLUMNS, summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
         out.print(f"weights file {rows[1]['size']['bytes_on_disk'] / 1e6:.1f} MB; report: {out_dir / 'report.md'}")
         return
-    start = time.perf_counter()
     if calib is not None:
-        console.print(f"calibrating on {calib.shape[0]} x {calib.shape[1]} tokens")
-    compress_model(model, cfg, calib)
-    seconds = time.perf_counter() - start
-    label = (f"Fourier low-rank {cfg.fourier_fraction:g} + PolarQuant-{cfg.bits}" if cfg.method == "fourier" else
-             f"dense {cfg.method.upper()}-{cfg.bits}" if cfg.n == 1 else
-             f"PHM n={cfg.n} B={cfg.num_bases} {cfg.method.upper()}-{cfg.bits}") + f" g{cfg.group_size}"
-    rows.append({"label": label, "size": model_size(model, rest_bytes_per_param=dtype_bytes(cfg.rest_dtype))})
-    if protocol:
-        console.print("perplexity of the compressed model")
-        rows[1]["perplexity"] = perplexity(model, ids, protocol)["perplexity"]
-
-    def write_report(folder: Path) -> None:
-        rows[1]["size"]["bytes_on_disk"] = (folder / "model.safetensors").stat().st_size
-        text = compress_report_md(str(source), cfg.to_dict(), rows, model.hyperquant_log,
-                                  protocol.to_dict() if protocol else None, seconds)
-        (folder / "report.md").write_text(text)
-        (folder / "summary.json").write_text(json.dumps(
-            {"source": str(source), "config": cfg.to_dict(), "rows": rows,
-             "protocol": protocol.to_dict() if protocol else None, "compress_seconds": seconds}, indent=2))
-
-    save_compressed(model, out_dir, tokenizer, overwrite=overwrite, extra_files=write_report)
-    _print_table(SUMMARY_COLUMNS, summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
-    out.print(f"compressed in {seconds:.1f} s; weights file {rows[1]['size']['bytes_on_disk'] / 1e6:.1f} MB; "
-              f"report: {out_dir / 'report.md'}")
+        log.info("calibrating on %d x %d tokens", calib.shape[0], calib.shape[1])
+    result = compress_to_folder(model, tokenizer, cfg, out_dir, source=str(source), calib=calib,
+                                evaluation=evaluation, overwrite=overwrite, rows=rows)
+    _print_table(SUMMARY_COLUMNS, summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")
+    out.print(f"compressed in {result.seconds:.1f} s; weights file {result.row['size']['bytes_on_disk'] / 1e6:.1f} "
+              f"MB; report: {out_dir / 'report.md'}")
 
 
 @app.command("eval")
@@ -233,22 +232,33 @@ def eval_cmd(
 
 @app.command()
 @_user_errors
-def info(folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder")]) -> None:
+def info(
+    folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-layer plan as JSON (one object per layer)")] = False,
+) -> None:
     """Show how a checkpoint was compressed: settings, layers and sizes."""
     from hyperquant.checkpoint import read_hyperquant_config
     from hyperquant.evals import folder_bytes
 
     config = read_hyperquant_config(folder)
     section = config["hyperquant"]
+    plan = section.get("plan") or {}
+    layers = [{"name": name, **spec, **plan.get(name, {})} for name, spec in section["layers"].items()]
+    kept = [{"name": name, **entry} for name, entry in plan.items() if name not in section["layers"]]
+    if as_json:
+        print(json.dumps({"folder": str(folder), "format_version": section["format_version"],
+                          "model_type": config.get("model_type"), "layers": layers + kept}, indent=2))
+        return
     cc = section["compress_config"]
     out.print(f"[bold]{folder}[/]: {config.get('model_type')} ({(config.get('architectures') or ['?'])[0]}), "
               f"format {section['format_version']}, {folder_bytes(folder) / 1e6:.1f} MB on disk")
     out.print("settings: " + ", ".join(f"{k}={cc[k]}" for k in ("bits", "method", "n", "num_bases", "group_size",
-                                                                  "init", "symmetric", "rest_dtype")))
+                                                                  "init", "symmetric", "rest_dtype") if k in cc))
     kinds: dict[tuple, int] = {}
-    for spec in section["layers"].values():
-        key = (spec["kind"], spec.get("n", 1), spec.get("num_bases", 1), spec["bits"], spec.get("group_size"),
-               f"{spec['out_features']}x{spec['in_features']}")
+    for layer in layers + kept:
+        shape = f"{layer['out_features']}x{layer['in_features']}" if "out_features" in layer else "-"
+        key = (layer["kind"], layer.get("n", 1), layer.get("num_bases", "-"), layer.get("bits"),
+               layer.get("group_size"), shape)
         kinds[key] = kinds.get(key, 0) + 1
     _print_table(["kind", "n", "B", "bits", "group", "shape (out x in)", "layers"],
                  [[str(c) for c in (*k, v)] for k, v in sorted(kinds.items(), key=str)], title="compressed layers")
@@ -335,7 +345,7 @@ def report(
 
         resolve_source(cfg.model)  # a wrong path fails before any work
     command = "hyperquant report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    result = run_sweep(cfg, out_dir, cache, overwrite=overwrite, command=command, console=console)
+    result = run_sweep(cfg, out_dir, cache, overwrite=overwrite, command=command)
     points = result["points"]
     ok = [p for p in points if p["status"] == "ok"]
     rows = [[p["label"], f"{p['metrics']['bytes_on_disk'] / 1e6:.1f}", f"{p['metrics']['bits_per_weight']:.2f}",

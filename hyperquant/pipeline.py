@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from hyperquant.config import CompressConfig
-from hyperquant.convert import block_index, find_ffn_linears, linear_weight, set_module
+from hyperquant.convert import block_index, linear_weight, set_module
 from hyperquant.errors import HyperquantError
-from hyperquant.layer_compress import compress_linear
-from hyperquant.phm.layer import check_phm_shape
+from hyperquant.kinds import LayerStats, kind_of_entry
+from hyperquant.layer_compress import compress_layer
+from hyperquant.plan import Plan, plan_needs_calibration, plan_to_dict, resolve_plan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class _StopForward(Exception):
@@ -139,10 +140,10 @@ class _InputStats:
         self.tokens += x.shape[0]
         self.calls += 1
 
-    def compress_kwargs(self) -> dict:
+    def layer_stats(self) -> LayerStats:
         if self.original_inputs is None:
-            return {"input_cov": self.cov}
-        return {"input_cov": self.cov, "cross_cov": self.cross_cov, "original_cov": self.original_cov}
+            return LayerStats(self.cov, self.tokens)
+        return LayerStats(self.cov, self.tokens, self.cross_cov, self.original_cov)
 
 
 def _input_groups(block: nn.Module, names: list[str], first_call: tuple) -> list[list[str]]:
@@ -183,20 +184,7 @@ def _run_original_block(block: nn.Module, names: list[str], prefix: str, inputs:
     return next_inputs, seen
 
 
-def compress_targets(model: nn.Module, cfg: CompressConfig) -> dict[str, nn.Module]:
-    """The linears ``cfg`` selects, checked to be compressible with its n and B."""
-    targets = find_ffn_linears(model, cfg.target_patterns, cfg.min_features)
-    for name, module in targets.items():
-        out_f, in_f = linear_weight(module).shape
-        if cfg.n > 1:
-            try:
-                check_phm_shape(in_f, out_f, cfg.n, cfg.bases_for(name))
-            except ValueError as e:
-                raise HyperquantError(f"layer {name}: {e}") from None
-    return targets
-
-
-def _round_rest(model: nn.Module, compressed: set[str], dtype_name: str) -> None:
+def round_rest(model: nn.Module, compressed: set[str], dtype_name: str) -> None:
     """Round the weights hyperquant leaves alone to their storage dtype, so the in-memory model is
     exactly the one `hyperquant.load` rebuilds."""
     if dtype_name == "float32":
@@ -216,37 +204,44 @@ def compress(
     calib_inputs: torch.Tensor | Iterable[dict] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    plan: Plan | None = None,
 ) -> nn.Module:
-    """Compress the FFN linears of ``model`` in place, as ``config`` says; return the model.
+    """Compress the selected linears of ``model`` in place, as ``config`` (or an explicit ``plan``,
+    {module name: plan entry}) says; return the model.
 
-    ``calib_inputs``: token ids (samples, seq_len) or an iterable of model-input dicts; needed for GPTQ
-    and for the activation-aware PHM fit. The per-layer log is at ``model.hyperquant_log``.
+    ``calib_inputs``: token ids (samples, seq_len) or an iterable of model-input dicts; needed for GPTQ,
+    the activation-aware PHM fit and other kinds that calibrate. The per-layer log is at
+    ``model.hyperquant_log``; the plan is stored in ``model.config.hyperquant["plan"]``.
     """
     model.eval()
-    targets = compress_targets(model, config)
+    plan = resolve_plan(model, config) if plan is None else plan
+    work = {name: entry for name, entry in plan.items() if kind_of_entry(entry).replaces_module}
+    targets = {name: model.get_submodule(name) for name in work}
     log: list[dict] = []
     start = time.perf_counter()
     with torch.no_grad(), _progress(progress) as bar:
-        if config.needs_calibration:
+        if plan_needs_calibration(work):
             if calib_inputs is None:
                 raise HyperquantError(
                     "this configuration needs calibration data (GPTQ, activation-aware PHM or the Fourier "
                     "method's channel scales); pass calib_inputs, or use method='rtn' with init='frobenius' "
-                    "(method='fourier': diag_calibration=False)"
+                    "(fourier: diag_calibration=False)"
                 )
-            _compress_sequential(model, targets, config, _batches(calib_inputs, batch_size), log, bar)
+            _compress_sequential(model, targets, work, _batches(calib_inputs, batch_size), log, bar,
+                                 config.true_sequential)
         else:
             task = bar.add_task("compressing layers", total=len(targets)) if bar else None
             for name, module in targets.items():
-                new, record = compress_linear(name, module, config, None)
+                new, record = compress_layer(name, module, work[name], None)
                 set_module(model, name, new)
                 log.append(record)
                 if bar:
                     bar.advance(task)
-    _round_rest(model, set(targets), config.rest_dtype)
+    round_rest(model, set(targets), config.rest_dtype)
     model.config.hyperquant = {
         "format_version": FORMAT_VERSION,
         "compress_config": config.to_dict(),
+        "plan": plan_to_dict(plan),
         "compress_time_s": time.perf_counter() - start,
     }
     model.hyperquant_log = log
@@ -265,7 +260,7 @@ def _progress(enabled: bool):
         yield bar
 
 
-def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
+def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_sequential: bool) -> None:
     by_block: dict[int, list[str]] = {}
     list_name = None
     for name in targets:
@@ -276,7 +271,8 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
         by_block.setdefault(idx, []).append(name)
     blocks = model.get_submodule(list_name)
     inputs = _capture_block_inputs(model, blocks[0], batches)
-    original_inputs = inputs if cfg.fits_original_outputs else None
+    fits_original = any(getattr(entry, "fits_original_outputs", False) for entry in plan.values())
+    original_inputs = inputs if fits_original else None
     last = max(by_block)
     block_task = bar.add_task("calibrating blocks", total=last + 1) if bar else None
     layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
@@ -286,7 +282,7 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
         seen_original = {}
         if original_inputs is not None:
             original_inputs, seen_original = _run_original_block(block, pending, f"{list_name}.{idx}.", original_inputs)
-        if cfg.true_sequential and pending:
+        if true_sequential and pending:
             groups = _input_groups(block, [(n, targets[n]) for n in pending], inputs[0])
         else:
             groups = [pending] if pending else []
@@ -308,7 +304,7 @@ def _compress_sequential(model, targets, cfg, batches, log, bar) -> None:
             for name in group:
                 if stats[name].tokens == 0:
                     raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
-                new, record = compress_linear(name, targets[name], cfg, **stats[name].compress_kwargs())
+                new, record = compress_layer(name, targets[name], plan[name], stats[name].layer_stats())
                 record["block"], record["calib_tokens"] = idx, stats[name].tokens
                 set_module(model, name, new)
                 log.append(record)

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from hyperquant.evals import PerplexityProtocol, model_size, perplexity
-from hyperquant.evals.size import dtype_bytes
+from hyperquant.evals import PerplexityProtocol
 
-from hyperquant import CompressConfig, compress
+from hyperquant import CompressConfig
 from hyperquant.data import calibration_ids, eval_tokens
+from hyperquant.job import Evaluation, compress_and_measure, measure
 from hyperquant.models import load_model, resolve_source
 from hyperquant.report import fmt_ppl, human_bytes, markdown_table
 
@@ -76,29 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_source(args.model)
     original, tokenizer = load_model(source)
     calib = calibration_ids(tokenizer, args.calib_samples, args.calib_seq_len)
-    protocol = PerplexityProtocol(num_tokens=args.eval_tokens)
-    ids = eval_tokens(tokenizer, args.eval_tokens)
+    evaluation = Evaluation(eval_tokens(tokenizer, args.eval_tokens), PerplexityProtocol(num_tokens=args.eval_tokens))
+    protocol = evaluation.protocol
     rows = []
     for label, cfg in SETTINGS.items():
         if args.only and not any(s in label for s in args.only):
             continue
         print(f"== {label}", file=sys.stderr, flush=True)
         model = copy.deepcopy(original)
-        seconds = 0.0
-        rest = None
-        if cfg is not None:
+        if cfg is None:
+            row, seconds, log = measure(model, label, evaluation), 0.0, []
+        else:
             cfg = dataclasses.replace(cfg, group_size=args.group_size, calib_samples=args.calib_samples,
                                       calib_seq_len=args.calib_seq_len)
-            start = time.perf_counter()
-            compress(model, cfg, calib if cfg.needs_calibration else None)
-            seconds = time.perf_counter() - start
-            rest = dtype_bytes(cfg.rest_dtype)
-        size = model_size(model, rest_bytes_per_param=rest)
-        ppl = perplexity(model, ids, protocol)["perplexity"]
-        log = getattr(model, "hyperquant_log", [])
-        rows.append({"setting": label, "config": cfg.to_dict() if cfg else None, "size": size, "perplexity": ppl,
-                     "compress_seconds": seconds, "layers": log})
-        print(f"   ppl {ppl:.4g}, FFN {size['ffn_bytes'] / 1e6:.1f} MB, {seconds:.0f} s", file=sys.stderr, flush=True)
+            result = compress_and_measure(model, cfg, calib, evaluation, label)
+            row, seconds, log = result.row, result.seconds, result.log
+        rows.append({"setting": label, "config": cfg.to_dict() if cfg else None, "size": row["size"],
+                     "perplexity": row["perplexity"], "compress_seconds": seconds, "layers": log})
+        print(f"   ppl {row['perplexity']:.4g}, FFN {row['size']['ffn_bytes'] / 1e6:.1f} MB, {seconds:.0f} s",
+              file=sys.stderr, flush=True)
         del model
 
     meta = {"model": str(source), "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens",

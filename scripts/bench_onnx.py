@@ -25,6 +25,7 @@ from hyperquant.exporters import OnnxCausalLM, export_checkpoint, export_dense, 
 
 import hyperquant
 from hyperquant import CompressConfig
+from hyperquant.job import Evaluation, compress_to_folder
 from hyperquant.data import calibration_ids, eval_tokens
 from hyperquant.models import default_model_source, load_model
 
@@ -63,11 +64,9 @@ def build(name: str, spec: dict, base, tokenizer, work: Path, ort_block: int, ca
     else:
         ckpt = work / spec.get("checkpoint", name) / "checkpoint"  # variants may share a checkpoint
         if not (ckpt / "config.json").is_file():
-            model = copy.deepcopy(base)
             cfg = CompressConfig(**spec["config"])
-            hyperquant.compress(model, cfg, calib if cfg.needs_calibration else None, progress=False)
-            hyperquant.save_compressed(model, ckpt, tokenizer, overwrite=True)
-            del model
+            compress_to_folder(copy.deepcopy(base), tokenizer, cfg, ckpt, source=name, calib=calib,
+                               evaluation=Evaluation(), overwrite=True, progress=False)
         export_checkpoint(ckpt, out, rest_bits=spec.get("rest"), accuracy_level=accuracy_level, overwrite=True)
     report = json.loads((out.parent / "export_report.json").read_text())
     print(f"[{name}] exported in {time.perf_counter() - started:.0f}s, parity max rel {report['max_rel_error']:.2e}")

@@ -6,7 +6,8 @@ from hyperquant.evals import model_size
 from hyperquant.evals.size import dtype_bytes
 
 from hyperquant import CompressConfig, HyperquantError, compress, load, save_compressed
-from hyperquant.checkpoint import atomic_output_dir
+from hyperquant.atomic import atomic_output_dir
+from hyperquant.fourier import FourierPlan
 from tests.conftest import tiny_llama
 
 CONFIGS = {
@@ -17,9 +18,9 @@ CONFIGS = {
     "phm-float": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius", rest_dtype="float32"),
     "phm-bf16-rest": CompressConfig(bits=4, n=2, num_bases=2, group_size=16, rest_dtype="bfloat16"),
     "phm-float-fp16-rest": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius"),
-    "fourier-4": CompressConfig(method="fourier", n=1, bits=4),
-    "fourier-3-4-bf16-rest": CompressConfig(method="fourier", n=1, bits=3, phase_bits=4, group_size=16,
-                                            fourier_fraction=0.5, rest_dtype="bfloat16"),
+    "fourier-4": CompressConfig.every_layer(FourierPlan(bits=4)),
+    "fourier-3-4-bf16-rest": CompressConfig.every_layer(FourierPlan(bits=3, phase_bits=4, group_size=16, fraction=0.5),
+                                                        rest_dtype="bfloat16"),
 }
 
 
@@ -38,7 +39,11 @@ def test_round_trip_logits_are_identical(name, tmp_path):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     layers = config["hyperquant"]["layers"]
     assert len(layers) == 6 and "quantization_config" not in config
-    assert all(spec["bits"] == cfg.bits for spec in layers.values())
+    plan = config["hyperquant"]["plan"]
+    assert sorted(plan) == sorted(layers)
+    for name, spec in layers.items():
+        assert spec["kind"] == plan[name]["kind"] == cfg.entry_for(name).kind
+        assert spec["bits"] == plan[name].get("bits") == getattr(cfg.entry_for(name), "bits", None)
     log = json.loads((tmp_path / "ckpt" / "quant_log.json").read_text())
     assert sorted(r["name"] for r in log) == sorted(layers)
 
@@ -101,3 +106,29 @@ def test_load_rejects_foreign_and_future_folders(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(HyperquantError, match="format 99"):
         load(tmp_path / "ckpt")
+
+
+def _as_format_1(folder):
+    """Rewrite a checkpoint's config.json as format 1 wrote it: family kinds, no plan."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    section = config["hyperquant"]
+    families = {"dense-quant": "dense", "phm-float": "phm", "phm-quant": "phm", "fourier": "fourier"}
+    section["layers"] = {name: {**spec, "kind": families[spec["kind"]]} for name, spec in section["layers"].items()}
+    section.pop("plan")
+    section["format_version"] = 1
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", ["dense-gptq4", "phm-gptq3", "phm-float", "fourier-4"])
+def test_format_1_checkpoints_still_load(name, tmp_path):
+    ids = torch.randint(0, 128, (2, 16))
+    model = compress(tiny_llama(), CONFIGS[name], ids, progress=False)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_compressed(model, tmp_path / "ckpt")
+    _as_format_1(tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    assert loaded.config.hyperquant["upgraded_from"] == 1

@@ -14,3 +14,8 @@ __all__ = [
     "rank_for_fraction",
     "reconstruct",
 ]
+
+# Importing the package registers the "fourier" layer kind.
+from hyperquant.fourier.kind import FourierKind, FourierPlan  # noqa: E402
+
+__all__ += ["FourierKind", "FourierPlan"]

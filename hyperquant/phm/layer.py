@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from hyperquant.convert import linear_weight
 from hyperquant.phm.bases import fixed_bases
 from hyperquant.phm.functional import factors_to_cat, kron_weight, phm_forward, phm_macs
 from hyperquant.phm.projection import kronecker_svd, project_activation_aware, project_fixed
@@ -103,7 +104,7 @@ class PHMLinear(nn.Module):
         factors instead minimize the layer's output error on those inputs (activation-aware).
         """
         if isinstance(weight_or_linear, nn.Module):
-            weight = weight_or_linear.weight.detach()
+            weight = linear_weight(weight_or_linear)  # (out, in), also for GPT-2's transposed Conv1D
             if bias is None and getattr(weight_or_linear, "bias", None) is not None:
                 bias = weight_or_linear.bias.detach()
         else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hyperquant.errors import HyperquantError
 from hyperquant.linalg import quadratic_form
 from hyperquant.quant.qtensor import QuantizedWeight
 from hyperquant.quant.rtn import dequantize_codes, group_qparams, quantize_codes, rtn_quantize
@@ -25,8 +26,8 @@ class GPTQResult:
     rtn_error: float  # the same objective for RTN with the same bits and groups
 
 
-class HessianNotPositiveDefinite(RuntimeError):
-    pass
+class HessianNotPositiveDefinite(HyperquantError, RuntimeError):
+    """A user-facing failure (too little or degenerate calibration data), reported on one line by the CLI."""
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float, max_tries: int) -> tuple[torch.Tensor, float]:

@@ -14,114 +14,118 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hyperquant.config import CompressConfig, ConfigError, from_known_fields
+from hyperquant.kinds import kind_of_entry
+from hyperquant.plan import config_label
 from hyperquant.quant.packing import SUPPORTED_BITS
 
-POINT_METHODS = ("original", "dense", "phm", "fourier", "bnb-nf4", "gptqmodel", "checkpoint")
+BASELINE_METHODS = ("bnb-nf4", "gptqmodel")
 QUANTIZERS = ("rtn", "gptq")
-SWEEP_VERSION = 1  # bump when the measurement itself changes, to invalidate cached points
+SWEEP_VERSION = 2  # bump when the measurement itself changes, to invalidate cached points
+# The calibration fields a sweep sets for every point (SweepConfig.calib_samples / calib_seq_len).
+_SWEEP_CALIB = ("calib_samples", "calib_seq_len")
+_FAMILY_OF_KIND = {"dense-quant": "dense", "phm-float": "phm", "phm-quant": "phm"}
 
 
 @dataclass
 class PointSpec:
-    """One setting. ``method``:
+    """One point of a sweep: a label and what is measured, exactly one of
 
-    - original: the uncompressed model (fp32);
-    - dense: FFN weights quantized as they are (``quantizer`` rtn|gptq, ``bits``, ``group_size``);
-    - phm: FFN linears as PHM with ``n``, ``bases`` (or ``layer_bases``), factors float (no quantizer) or
-      quantized (``quantizer``, ``bits``);
-    - fourier: LLaVA-FA-style low-rank factorization in the 2-D Fourier domain keeping ``fraction`` of
-      the layer's parameters, PolarQuant-ized at ``bits`` (docs/fourier.md);
-    - bnb-nf4, gptqmodel: the libraries' own quantization of the same FFN linears (``[baselines]`` extra);
-    - checkpoint: an existing hyperquant checkpoint folder ``path`` (e.g. a trained one), measured as is.
+    - ``compress``: a CompressConfig (a mapping of its fields in YAML) run by `hyperquant.compress`, e.g.
+      ``{n: 1, bits: 4, method: gptq}`` or ``{layers: {".*": {kind: fourier, fraction: 0.5}}}``;
+    - ``baseline``: bnb-nf4 or gptqmodel, the libraries' own quantization of the same FFN linears
+      (``[baselines]`` extra), at ``bits`` / ``group_size``;
+    - ``checkpoint``: an existing hyperquant checkpoint folder (e.g. a trained one), measured as is;
+    - ``original: true``: the uncompressed model (fp32).
     """
 
-    method: str
-    quantizer: str | None = None
-    bits: int | None = None
-    group_size: int = 128
-    n: int = 2
-    bases: int = 2
-    layer_bases: dict[str, int] = field(default_factory=dict)
-    fraction: float = 0.25
-    path: str | None = None
     label: str | None = None
+    compress: CompressConfig | dict | None = None
+    baseline: str | None = None
+    bits: int = 4  # baseline only
+    group_size: int = 128  # baseline only
+    checkpoint: str | None = None
+    original: bool = False
 
     def __post_init__(self) -> None:
-        m = self.method
-        if m not in POINT_METHODS:
-            raise ConfigError(f"method={m!r} is not a sweep method; use one of {list(POINT_METHODS)}")
-        if self.quantizer is not None and self.quantizer not in QUANTIZERS:
-            raise ConfigError(f"quantizer={self.quantizer!r} must be one of {list(QUANTIZERS)} (or omitted)")
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+        if isinstance(self.compress, dict):
+            self.compress = CompressConfig.from_dict(self.compress)
+        given = [name for name, on in (("compress", self.compress is not None), ("baseline", self.baseline),
+                                       ("checkpoint", self.checkpoint), ("original", self.original)) if on]
+        if len(given) != 1:
+            raise ConfigError(f"a point needs exactly one of compress, baseline, checkpoint or original: true; "
+                              f"got {given or 'none'}")
+        if self.baseline is not None and self.baseline not in BASELINE_METHODS:
+            raise ConfigError(f"baseline={self.baseline!r} is not a baseline; use one of {list(BASELINE_METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; use one of {list(SUPPORTED_BITS)}")
-        if m == "dense" and (self.quantizer is None or self.bits is None):
-            raise ConfigError("a dense point needs quantizer (rtn or gptq) and bits; the float model is method: original")
-        if m == "phm" and (self.quantizer is None) != (self.bits is None):
-            raise ConfigError("a phm point quantizes its factors with both quantizer and bits, or keeps them float "
-                              "with neither")
-        if m == "gptqmodel" and self.bits is None:
-            raise ConfigError("a gptqmodel point needs bits")
-        if m == "checkpoint" and not self.path:
-            raise ConfigError("a checkpoint point needs path: the folder written by `hyperquant compress`")
-        if m in ("dense", "phm", "fourier"):
-            self.compress_config()  # validates n, bases, bits, group size, fraction
+
+    @property
+    def method(self) -> str:
+        """original | checkpoint | a baseline's name | the family of a compress point (dense, phm, or the
+        kind's name, e.g. fourier)."""
+        if self.original:
+            return "original"
+        if self.checkpoint:
+            return "checkpoint"
+        if self.baseline:
+            return self.baseline
+        entry = self.main_entry()
+        return _FAMILY_OF_KIND.get(entry.kind, entry.kind)
+
+    def main_entry(self):
+        cfg = self.compress
+        covers_all = [e for p, e in cfg.layers.items() if p in (".*", "")]
+        return covers_all[0] if covers_all else cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
 
     def compress_config(self, calib_samples: int = 32, calib_seq_len: int = 512) -> CompressConfig:
-        """The `hyperquant.compress` configuration of a dense, phm or fourier point."""
-        common = {"group_size": self.group_size, "calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
-        if self.method == "dense":
-            return CompressConfig(bits=self.bits, method=self.quantizer, n=1, **common)
-        if self.method == "phm":
-            return CompressConfig(bits=self.bits, method=self.quantizer or "gptq", n=self.n, num_bases=self.bases,
-                                  layer_bases=dict(self.layer_bases), **common)
-        if self.method == "fourier":
-            return CompressConfig(bits=self.bits or 4, method="fourier", n=1, fourier_fraction=self.fraction,
-                                  **common)
-        raise ConfigError(f"method {self.method!r} is not run by hyperquant.compress")
+        """The `hyperquant.compress` configuration of a compress point, calibrated as the sweep says."""
+        if self.compress is None:
+            raise ConfigError(f"point {self.default_label()!r} is not run by hyperquant.compress")
+        return dataclasses.replace(self.compress, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
 
     def key(self) -> dict:
-        """The fields that determine what is measured (the label does not)."""
-        keep = {"method": self.method}
-        if self.method in ("dense", "phm"):
-            keep.update(quantizer=self.quantizer, bits=self.bits, group_size=self.group_size)
-        if self.method == "phm":
-            keep.update(n=self.n, bases=self.bases, layer_bases=self.layer_bases)
-        if self.method == "fourier":
-            keep.update(bits=self.bits or 4, group_size=self.group_size, fraction=self.fraction)
-        if self.method == "gptqmodel":
+        """The fields that determine what is measured (the label does not), plus ``bits`` for display."""
+        keep: dict = {"method": self.method}
+        if self.compress is not None:
+            entry = self.main_entry()
+            keep["bits"] = getattr(entry, "bits", None)
+            keep["compress"] = {k: v for k, v in self.compress.to_dict().items() if k not in _SWEEP_CALIB}
+        if self.baseline:
             keep.update(bits=self.bits, group_size=self.group_size)
-        if self.method == "checkpoint":
-            keep.update(path=str(Path(self.path).resolve()))
+        if self.checkpoint:
+            keep["path"] = str(Path(self.checkpoint).resolve())
         return keep
 
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["compress"] = self.compress.to_dict() if self.compress is not None else None
+        return data
+
     def default_label(self) -> str:
-        q = f"{(self.quantizer or '').upper()}-{self.bits} g{self.group_size}"
-        if self.method == "original":
+        if self.original:
             return "dense fp32 (original)"
-        if self.method == "dense":
-            return f"dense {q}"
-        if self.method == "phm":
-            shape = f"n={self.n} B={self.bases}" + (" (per-layer B)" if self.layer_bases else "")
-            return f"PHM {shape} " + (q if self.bits else "float")
-        if self.method == "fourier":
-            return f"Fourier low-rank {self.fraction:g} + PolarQuant-{self.bits or 4}"
-        if self.method == "bnb-nf4":
+        if self.checkpoint:
+            return Path(self.checkpoint).name
+        if self.baseline == "bnb-nf4":
             return "bitsandbytes NF4"
-        if self.method == "gptqmodel":
+        if self.baseline == "gptqmodel":
             return f"GPTQModel GPTQ-{self.bits} g{self.group_size}"
-        return Path(self.path).name
+        return config_label(self.compress)
 
     def family(self) -> str:
         """The legend group of the plots."""
-        return {
-            "original": "dense fp32",
-            "dense": f"dense {(self.quantizer or '').upper()}",
-            "phm": "PHM " + (self.quantizer.upper() if self.quantizer else "float"),
-            "fourier": "Fourier + PolarQuant",
-            "bnb-nf4": "bitsandbytes NF4",
-            "gptqmodel": "GPTQModel",
-            "checkpoint": "checkpoint (trained)",
-        }[self.method]
+        if self.compress is not None:
+            entry = self.main_entry()
+            if entry.kind == "dense-quant":
+                return f"dense {entry.method.upper()}"
+            if entry.kind == "phm-quant":
+                return f"PHM {entry.method.upper()}"
+            if entry.kind == "phm-float":
+                return "PHM float"
+            return kind_of_entry(entry).label(entry).split(" ")[0] + (
+                " + PolarQuant" if entry.kind == "fourier" else "")
+        return {"original": "dense fp32", "bnb-nf4": "bitsandbytes NF4", "gptqmodel": "GPTQModel",
+                "checkpoint": "checkpoint (trained)"}[self.method]
 
 
 @dataclass
@@ -130,7 +134,7 @@ class SweepConfig:
 
     model: str | None = None  # local HF folder or .gguf; None = the embedded default model
     points: list[PointSpec] = field(default_factory=list)
-    grid: dict[str, list] = field(default_factory=dict)  # cartesian product of PointSpec fields
+    grid: dict[str, list] = field(default_factory=dict)  # compress points: cartesian product of CompressConfig fields
     eval_tokens: int = 4096
     eval_context: int = 512
     calib_samples: int = 32
@@ -155,10 +159,10 @@ class SweepConfig:
             raise ConfigError("eval_tokens and eval_context must be >= 2")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0-4")
-        known = {f.name for f in dataclasses.fields(PointSpec)}
+        known = set(CompressConfig.field_names())
         for key, values in self.grid.items():
             if key not in known:
-                raise ConfigError(f"grid key {key!r} is not a point field; known: {sorted(known)}")
+                raise ConfigError(f"grid key {key!r} is not a compress option; known: {sorted(known)}")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"grid.{key} must be a non-empty list")
         if self.notes is not None and not Path(self.notes).is_file():
@@ -176,7 +180,7 @@ class SweepConfig:
         if self.grid:
             keys = list(self.grid)
             for values in itertools.product(*(self.grid[k] for k in keys)):
-                out.append(_point(dict(zip(keys, values))))
+                out.append(_point({"compress": dict(zip(keys, values))}))
         seen, unique = set(), []
         for p in out:
             k = json.dumps(p.key(), sort_keys=True)
@@ -200,7 +204,7 @@ class SweepConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "points": [p.to_dict() for p in self.points]}
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepConfig:
@@ -216,16 +220,17 @@ class SweepConfig:
         if isinstance(data.get("notes"), str) and not Path(data["notes"]).is_absolute():
             data["notes"] = str(here / data["notes"])
         for point in data.get("points") or []:
-            if isinstance(point, dict) and isinstance(point.get("path"), str) and not Path(point["path"]).is_absolute():
-                point["path"] = str(here / point["path"])
+            if isinstance(point, dict) and isinstance(point.get("checkpoint"), str) \
+                    and not Path(point["checkpoint"]).is_absolute():
+                point["checkpoint"] = str(here / point["checkpoint"])
         return cls.from_dict(data)
 
 
 def _point(data) -> PointSpec:
+    if isinstance(data, PointSpec):
+        return data
     if not isinstance(data, dict):
         raise ConfigError(f"a point must be a mapping of field: value, got {data!r}")
-    if "method" not in data:
-        raise ConfigError(f"point {data} has no method; use one of {list(POINT_METHODS)}")
     return from_known_fields(PointSpec, data, "point field")
 
 
@@ -234,20 +239,20 @@ def default_sweep(bits: list[int], ns: list[int], bases: list[int], group_size: 
     """The sweep `hyperquant report` runs without --config: the original model; dense RTN and GPTQ at each
     bit width; PHM for each (n, B) with float, RTN and GPTQ factors; the Fourier comparator at the
     parameter fraction of each PHM shape (B/n^2, so bytes match); and the library baselines at 4 bits."""
-    points: list[dict] = [{"method": "original"}]
+    points: list[dict] = [{"original": True}]
     for b in bits:
-        points += [{"method": "dense", "quantizer": q, "bits": b, "group_size": group_size} for q in QUANTIZERS]
+        points += [{"compress": {"n": 1, "method": q, "bits": b, "group_size": group_size}} for q in QUANTIZERS]
     for n in ns:
         for nb in bases:
             if not 1 <= nb <= n * n:
                 continue
-            points.append({"method": "phm", "n": n, "bases": nb})
+            points.append({"compress": {"n": n, "num_bases": nb, "bits": None}})
             for b in bits:
-                points += [{"method": "phm", "n": n, "bases": nb, "quantizer": q, "bits": b,
-                            "group_size": group_size} for q in QUANTIZERS]
+                points += [{"compress": {"n": n, "num_bases": nb, "method": q, "bits": b, "group_size": group_size}}
+                           for q in QUANTIZERS]
                 if fourier:
-                    points.append({"method": "fourier", "fraction": nb / (n * n), "bits": b,
-                                   "group_size": group_size})
+                    fourier_entry = {"kind": "fourier", "fraction": nb / (n * n), "bits": b, "group_size": group_size}
+                    points.append({"compress": {"n": 1, "bits": None, "layers": {".*": fourier_entry}}})
     if baselines:
-        points += [{"method": "bnb-nf4"}, {"method": "gptqmodel", "bits": 4, "group_size": group_size}]
+        points += [{"baseline": "bnb-nf4"}, {"baseline": "gptqmodel", "bits": 4, "group_size": group_size}]
     return SweepConfig(points=points, **options)

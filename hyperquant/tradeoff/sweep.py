@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
@@ -24,8 +25,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from hyperquant.atomic import atomic_output_dir, write_json_atomic
 from hyperquant.errors import HyperquantError
 from hyperquant.tradeoff.spec import PointSpec, SweepConfig
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -80,21 +84,20 @@ def _layer_errors(log: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- building
 def _build_hyperquant(spec: PointSpec, ctx: Context, folder: Path) -> tuple[nn.Module, list[dict], float]:
-    import hyperquant
+    from hyperquant.job import Evaluation, compress_to_folder
 
     ccfg = spec.compress_config(ctx.cfg.calib_samples, ctx.cfg.calib_seq_len)
-    start = time.perf_counter()
-    model = hyperquant.compress(copy.deepcopy(ctx.model), ccfg, ctx.calib if ccfg.needs_calibration else None,
-                                progress=False)
-    seconds = time.perf_counter() - start
-    hyperquant.save_compressed(model, folder, ctx.tokenizer)
-    return model, _layer_errors(model.hyperquant_log), seconds
+    # perplexity is measured below for every kind of point alike, so the job measures size only
+    result = compress_to_folder(copy.deepcopy(ctx.model), ctx.tokenizer, ccfg, folder, source=str(ctx.source),
+                                calib=ctx.calib if ccfg.needs_calibration else None, evaluation=Evaluation(),
+                                overwrite=True, label=ctx.cfg.label_of(spec), progress=False)
+    return result.model, _layer_errors(result.log), result.seconds
 
 
 def _build_checkpoint(spec: PointSpec) -> tuple[nn.Module, list[dict], float, Path]:
     import hyperquant
 
-    folder = Path(spec.path)
+    folder = Path(spec.checkpoint)
     model = hyperquant.load(folder)
     log_path = folder / "quant_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else []
@@ -107,12 +110,9 @@ def original_hf_folder(ctx: Context) -> Path:
     """The model as a plain fp32 Hugging Face folder (written once; the baselines load from it)."""
     folder = ctx.cache / "original-hf"
     if not (folder / "config.json").is_file():
-        tmp = ctx.cache / ".original-hf.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ctx.model.save_pretrained(tmp)
-        ctx.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with atomic_output_dir(folder, overwrite=True) as tmp:
+            ctx.model.save_pretrained(tmp)
+            ctx.tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -125,27 +125,34 @@ def _export_onnx(spec: PointSpec, ctx: Context, model: nn.Module, folder: Path |
 
 
 def point_family(spec: PointSpec) -> str:
-    """The legend group; a checkpoint is grouped by what it holds (PHM trained, PHM, dense)."""
+    """The legend group; a checkpoint is grouped by what its plan holds (PHM trained, PHM, dense)."""
     if spec.method != "checkpoint":
         return spec.family()
     try:
-        section = json.loads((Path(spec.path) / "config.json").read_text())["hyperquant"]
+        section = json.loads((Path(spec.checkpoint) / "config.json").read_text())["hyperquant"]
     except (OSError, ValueError, KeyError):
         return spec.family()
-    if any(layer.get("kind") == "phm" for layer in section.get("layers", {}).values()):
+    if any(str(layer.get("kind", "")).startswith("phm") for layer in section.get("layers", {}).values()):
         return "PHM trained" if "train_config" in section else "PHM (checkpoint)"
     return "dense (checkpoint)"
 
 
-def why_no_latency(spec: PointSpec) -> str | None:
-    """None if the point's model exports to ONNX; else the reason."""
-    if spec.method == "fourier":
-        return "no ONNX export for Fourier layers (hyperquant exports PHM and dense MatMulNBits layers)"
-    if spec.method in ("bnb-nf4", "gptqmodel"):
-        return f"{spec.method} models are not exported by hyperquant"
-    if spec.bits == 3:
-        return "onnxruntime's MatMulNBits runs 2, 4 and 8 bits on CPU, not 3"
-    return None
+def why_no_latency(spec: PointSpec, model: nn.Module | None = None) -> str | None:
+    """None if the point's model exports to ONNX; else the reason (its layer kinds' own)."""
+    from hyperquant.kinds import kind_of, kind_of_entry
+
+    if spec.baseline:
+        return f"{spec.baseline} models are not exported by hyperquant"
+    reasons = []
+    if model is not None:
+        for module in model.modules():
+            kind = kind_of(module)
+            if kind is not None:
+                reasons.append(kind.no_export_reason(module))
+    elif spec.compress is not None:
+        entries = [spec.main_entry(), *spec.compress.layers.values()]
+        reasons = [kind_of_entry(e).no_export_reason(e) for e in entries]
+    return next((r for r in reasons if r), None)
 
 
 def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
@@ -160,7 +167,7 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
         ctx.model.save_pretrained(ckpt)  # fp32 safetensors: the bytes a user of the original model stores
         model, layers, seconds, folder = ctx.model, [], None, ckpt
         size = model_size(model)
-    elif spec.method in ("dense", "phm", "fourier"):
+    elif spec.compress is not None:
         model, layers, seconds = _build_hyperquant(spec, ctx, ckpt)
         folder = ckpt
         size = model_size(model, rest_bytes_per_param=dtype_bytes(model.config.hyperquant["compress_config"]["rest_dtype"]))
@@ -170,10 +177,10 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
     else:
         from hyperquant.tradeoff.baselines import run_baseline, unavailable_reason
 
-        reason = unavailable_reason(spec.method)
+        reason = unavailable_reason(spec.baseline)
         if reason is not None:
             return {"status": "skipped", "error": reason}
-        result = run_baseline(spec.method, original_hf_folder(ctx), ctx.ffn_names, ctx.calib, spec.bits or 4,
+        result = run_baseline(spec.baseline, original_hf_folder(ctx), ctx.ffn_names, ctx.calib, spec.bits,
                               spec.group_size, ckpt)
         model, layers, seconds, folder = result.model, [], result.seconds, result.folder
         details = dict(result.details)
@@ -195,7 +202,8 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
     metrics["perplexity"] = perplexity(model, ctx.eval_ids, ctx.protocol)["perplexity"]
     metrics["eval_seconds"] = time.perf_counter() - start
     onnx = None
-    no_latency = why_no_latency(spec) if ctx.cfg.latency else "latency disabled (latency: false)"
+    no_latency = why_no_latency(spec, model if spec.method == "checkpoint" else None) if ctx.cfg.latency \
+        else "latency disabled (latency: false)"
     if no_latency is None:
         onnx_path = point_dir / "onnx" / "model.onnx"
         try:
@@ -242,17 +250,10 @@ def model_identity(source) -> str:
     return json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.is_file()])
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-              overwrite: bool = False, command: str = "", progress: bool = True, console=None) -> dict:
+              overwrite: bool = False, command: str = "", progress: bool = True) -> dict:
     """Measure every point of ``cfg`` (reusing cached ones), time the ONNX exports side by side and write
     the report to ``out_dir`` (atomically). Returns {"points": [...], "files": {...}, "computed": [ids]}."""
-    from hyperquant.checkpoint import atomic_output_dir
     from hyperquant.tradeoff.render import write_report
 
     out_dir = Path(out_dir)
@@ -260,7 +261,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
         raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
     cache = Path(cache_dir) if cache_dir else out_dir.parent / f".{out_dir.name}.cache"
     (cache / "points").mkdir(parents=True, exist_ok=True)
-    say = console.print if console is not None else (lambda *a, **k: None)
     ctx = _load_context(cfg, cache)
     identity = model_identity(ctx.source)
     specs = cfg.expanded()
@@ -290,20 +290,20 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
                     point = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
                              "traceback": traceback.format_exc()}
                 point["seconds"] = time.perf_counter() - start
-                _write_json(cached, point)
+                write_json_atomic(cached, point, default=str)
                 computed.append(pid)
-                with open(cache / "sweep_log.jsonl", "a") as log:
-                    log.write(json.dumps({"time": _now(), "id": pid, "label": label, "status": point["status"],
+                with open(cache / "sweep_log.jsonl", "a") as handle:
+                    handle.write(json.dumps({"time": _now(), "id": pid, "label": label, "status": point["status"],
                                           "seconds": round(point["seconds"], 1), "error": point.get("error")}) + "\n")
                 if point["status"] != "ok":
-                    say(f"[yellow]{label}: {point['status']}[/] {point.get('error')}")
+                    log.warning("%s: %s %s", label, point["status"], point.get("error"))
             points.append(point)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    _time_exports(points, ctx, say)
+    _time_exports(points, ctx)
     meta = {
         "model": str(ctx.source),
         "command": command,
@@ -328,7 +328,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
     return {"points": points, "files": files, "computed": computed}
 
 
-def _time_exports(points: list[dict], ctx: Context, say) -> None:
+def _time_exports(points: list[dict], ctx: Context) -> None:
     """Side-by-side onnxruntime timing of every point that has an export (not cached: machines change)."""
     from hyperquant.evals.ort_latency import interleaved_latency
 
@@ -340,7 +340,7 @@ def _time_exports(points: list[dict], ctx: Context, say) -> None:
     if not exported:
         return
     cfg = ctx.cfg
-    say(f"timing {len(exported)} ONNX exports side by side ({cfg.latency_rounds} rounds)")
+    log.info("timing %d ONNX exports side by side (%d rounds)", len(exported), cfg.latency_rounds)
     timings = interleaved_latency(exported, ctx.eval_ids.numpy(), cfg.prompt_tokens, cfg.decode_tokens,
                                   cfg.latency_rounds, cfg.latency_threads)
     for p in points:

@@ -1,14 +1,17 @@
-"""TrainConfig: the typed, validated configuration of a progressive PHM training run (YAML-loadable)."""
+"""TrainConfig: the typed, validated configuration of a progressive PHM training run (YAML-loadable).
+
+It holds the CompressConfig of the layers it trains (n, B, bits, quantizer of the export, targets, rest
+dtype) instead of repeating its fields, and its defaults are the one training recipe: `hyperquant
+compress` (which trains by default) and `hyperquant train` without a YAML file train the same way.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hyperquant.config import ConfigError, from_known_fields
-from hyperquant.quant.packing import SUPPORTED_BITS
+from hyperquant.config import CompressConfig, ConfigError, from_known_fields
 
 ALPHA_SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -16,8 +19,6 @@ TEACHERS = ("self", "separate", "none")
 EXPORT_METHODS = ("gptq", "rtn")
 CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-INITS = ("activation", "frobenius")
-REST_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -30,59 +31,56 @@ class TrainConfig:
     ``qat_start_step``. At the end the factors are quantized (``export_method``) and saved.
     """
 
+    # the layers trained and how they are exported (compress.method = the export's quantizer)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     # data and optimization
     seq_len: int = 256
-    train_samples: int = 256  # calibration-split sequences of seq_len tokens used as training text
+    # calibration-split sequences of seq_len tokens used as training text (512k tokens: a 30-minute CPU
+    # run reads about a third of it, so no sequence is seen twice)
+    train_samples: int = 2048
     data_seed: int = 0
     per_device_batch_size: int = 4
     grad_accum_steps: int = 1
-    max_steps: int = 200
+    # The schedule's shape is stated for max_steps; a time-budgeted run stretches or shrinks it.
+    max_steps: int = 100
     # Time budget (minutes) of the optimizer steps. The first step is timed and the run is re-planned to
     # the steps that fit: max_steps and every step-valued option below (warmup, fade, Stage B, QAT start,
     # save/eval intervals) are scaled by the same factor, so the schedule keeps its shape.
     max_minutes: float | None = None
     seed: int = 0
-    lr: float = 2e-4
+    lr: float = 5e-4
     lora_lr: float | None = None  # None = lr
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     lr_schedule: str = "cosine"
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # "bf16" / "fp16" where the accelerator supports it
-    # PHM
-    n: int = 2
-    num_bases: int = 2
-    layer_bases: dict[str, int] = field(default_factory=dict)  # regex on module name -> B (first match wins)
-    init: str = "activation"
-    # activation-aware init block by block on the outputs of the already-PHM blocks before it (as
-    # `hyperquant compress` calibrates), i.e. fitted for alpha = 1; False: every layer on dense inputs
+    # PHM initialization: the activation-aware fit of compress.init, block by block on the outputs of the
+    # already-PHM blocks before it (as `hyperquant compress` calibrates), i.e. fitted for alpha = 1;
+    # False: every layer on dense inputs
     init_sequential: bool = True
-    init_samples: int = 16  # calibration sequences for the activation-aware init (and export Hessians)
-    ridge: float = 1e-4
-    target_patterns: list[str] | None = None
+    # calibration sequences (of seq_len tokens) for the initial fit and the export Hessians; training
+    # does not read compress.calib_samples / calib_seq_len
+    init_samples: int = 16
     train_bias: bool = True
-    # residual interpolation
-    alpha_schedule: str = "linear"
-    fade_steps: int = 100
-    stagger: float = 0.0  # 0: all layers fade together; s in (0, 1): layer l starts at s * fade * l / (L - 1)
+    # residual interpolation: the PHM branch fades in over the first 30 % of the steps (cosine, bottom-up
+    # stagger), then Stage B keeps only the PHM layers
+    alpha_schedule: str = "cosine"
+    fade_steps: int = 30
+    stagger: float = 0.5  # 0: all layers fade together; s in (0, 1): layer l starts at s * fade * l / (L - 1)
     stage_b_step: int | None = None  # drop the dense branches at this step; None = fade_steps
-    # losses
+    # losses: KD from a frozen dense copy and a light reconstruction term
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     kd_weight: float = 1.0
     kd_temperature: float = 4.0
     kd_ramp: bool = True  # lambda_KD scaled by the mean alpha of the PHM layers
-    teacher: str = "self"  # "self": the same model at alpha=0 (Stage A only); "separate": a frozen copy
-    recon_weight: float = 0.0
+    teacher: str = "separate"  # "self": the same model at alpha=0 (Stage A only); "separate": a frozen copy
+    recon_weight: float = 0.1
     recon_relative: bool = True  # ||phm(x) - dense(x)||^2 / ||dense(x)||^2 instead of the plain mean square
-    # QAT on A_cat and export
+    # QAT on A_cat at compress.bits / group_size / symmetric
     qat_start_step: int | None = None  # None = no QAT
-    bits: int | None = 4  # bits of QAT and of the exported factors; None = export float PHM layers
-    group_size: int = 128
-    symmetric: bool = False
     qat_learn_scales: bool = False
-    export_method: str = "gptq"
-    rest_dtype: str = "float16"
     # capacity assignment (Fisher)
     capacity: str = "none"
     capacity_budget: float | None = None  # mean number of bases per FFN linear; None = num_bases + 1/3
@@ -96,9 +94,9 @@ class TrainConfig:
     lora_include_o: bool = False
     # runner
     output_dir: str = "hyperquant-train"
-    save_every: int = 50  # 0 = only the final checkpoint
+    save_every: int = 10  # 0 = only the final checkpoint
     resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
-    eval_every: int = 50  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end
     eval_tokens: int = 2048
     eval_context: int = 512
     eval_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -112,6 +110,11 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(message)
 
+        if isinstance(self.compress, dict):
+            self.compress = CompressConfig.from_dict(self.compress)
+        need(isinstance(self.compress, CompressConfig), "compress must be a mapping of compress options")
+        c = self.compress
+
         positive = ("seq_len", "train_samples", "per_device_batch_size", "grad_accum_steps", "max_steps",
                     "init_samples", "capacity_samples", "eval_tokens", "eval_context")
         for name in positive:
@@ -121,18 +124,13 @@ class TrainConfig:
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("alpha_schedule", ALPHA_SCHEDULES),
-                              ("teacher", TEACHERS), ("export_method", EXPORT_METHODS),
-                              ("capacity", CAPACITY_METHODS), ("mixed_precision", MIXED_PRECISION),
-                              ("init", INITS), ("rest_dtype", REST_DTYPES)):
+                              ("teacher", TEACHERS),
+                              ("capacity", CAPACITY_METHODS), ("mixed_precision", MIXED_PRECISION)):
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} must be one of {list(allowed)}")
-        need(self.n >= 2, f"n={self.n} must be >= 2 (training targets PHM layers)")
-        for b in [self.num_bases, *self.layer_bases.values()]:
-            need(isinstance(b, int) and 1 <= b <= self.n * self.n, f"number of bases {b} must be in [1, {self.n**2}]")
-        for pattern in [*self.layer_bases, *(self.target_patterns or [])]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"invalid module-name pattern {pattern!r}: {e}") from None
+        need(c.n >= 2, f"compress.n={c.n} must be >= 2 (training targets PHM layers)")
+        need(not c.layers, "compress.layers (per-layer kinds) is not trained; training targets PHM layers only")
+        need(not c.learn_bases, "training starts from fixed bases; drop learn_bases")
+        need(c.method in EXPORT_METHODS, f"compress.method={c.method!r} must be one of {list(EXPORT_METHODS)}")
         need(self.fade_steps >= 0, "fade_steps must be >= 0")
         need(0.0 <= self.stagger < 1.0, f"stagger={self.stagger} must be in [0, 1)")
         if self.stage_b_step is not None:
@@ -142,19 +140,14 @@ class TrainConfig:
         need(self.ce_weight + self.kd_weight + self.recon_weight > 0, "at least one loss weight must be > 0")
         need(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         need(self.kd_temperature > 0, "kd_temperature must be > 0")
-        if self.bits is not None:
-            need(self.bits in SUPPORTED_BITS, f"bits={self.bits} must be one of {list(SUPPORTED_BITS)} or null")
-        gs = self.group_size
-        need(gs >= 16 and not gs & (gs - 1), f"group_size={gs} must be a power of two >= 16")
         if self.qat_start_step is not None:
-            need(self.bits is not None, "QAT needs bits (2, 3, 4 or 8)")
+            need(c.bits is not None, "QAT needs compress.bits (2, 3, 4 or 8)")
             need(0 <= self.qat_start_step <= self.max_steps, "qat_start_step must be in [0, max_steps]")
         need(not self.qat_learn_scales or self.qat_start_step is not None, "qat_learn_scales needs qat_start_step")
-        need(self.ridge >= 0, "ridge must be >= 0")
         if self.capacity_budget is not None:
-            need(1 <= self.capacity_budget <= self.n * self.n, "capacity_budget (mean bases per layer) must be in [1, n^2]")
+            need(1 <= self.capacity_budget <= c.n * c.n, "capacity_budget (mean bases per layer) must be in [1, n^2]")
         if self.capacity_max_bases is not None:
-            need(1 <= self.capacity_max_bases <= self.n * self.n, "capacity_max_bases must be in [1, n^2]")
+            need(1 <= self.capacity_max_bases <= c.n * c.n, "capacity_max_bases must be in [1, n^2]")
         if self.capacity_topk is not None:
             need(self.capacity_topk >= 0, "capacity_topk must be >= 0")
         need(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
@@ -211,7 +204,7 @@ class TrainConfig:
         return list(self.lora_targets) + (["o_proj"] if self.lora_include_o and "o_proj" not in self.lora_targets else [])
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "compress": self.compress.to_dict()}
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

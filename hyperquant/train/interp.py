@@ -62,7 +62,10 @@ class InterpolatedLinear(nn.Module):
                 if self.recon_relative else diff
         if alpha >= 1.0:
             return phm_y
-        return dense_y + alpha * (phm_y - dense_y) if alpha > 0 else dense_y
+        # At alpha = 0 the PHM branch still feeds the output with weight 0 (the value is dense_y exactly):
+        # DDP's unused-parameter search walks back from the outputs, and factors reached only through the
+        # recon loss would be marked ready twice (a staggered fade has such layers in every early step).
+        return dense_y + alpha * (phm_y - dense_y)
 
     def drop_dense(self) -> None:
         self.dense = None

@@ -1,44 +1,20 @@
-"""The training recipe behind `hyperquant compress` (PHM layers are trained by default).
+"""The training behind `hyperquant compress` (PHM layers are trained by default).
 
-`compress_train_config` maps a CompressConfig (what the user asked for: n, B, bits, group size, GPTQ or
-RTN) and a time budget onto a TrainConfig. The step-valued options below describe the schedule's
-shape for DEFAULT_STEPS; a budgeted run stretches or shrinks it to the steps that fit
-(`TrainConfig.scaled_to`).
+The recipe is TrainConfig's defaults; `compress_train_config` only adds what the command says: the
+CompressConfig of the layers, the time budget, the work folder and QAT (which starts at 60 % of the steps
+and exports on the QAT grid, RTN, so the checkpoint computes what was trained).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from hyperquant.config import CompressConfig, ConfigError
 from hyperquant.train.config import TrainConfig
 
 DEFAULT_MINUTES = 30.0
-DEFAULT_STEPS = 100
-
-# Distillation from the dense model, PHM branch faded in over the first 30 % of the steps (cosine,
-# bottom-up stagger), then PHM-only (Stage B) with KD from a frozen dense copy and a light
-# reconstruction term. With --qat, fake-quantization of A_cat starts at 60 % and the export uses
-# the QAT grid (RTN) so the checkpoint computes what was trained.
-RECIPE = {
-    "seq_len": 256,
-    "per_device_batch_size": 4,
-    "lr": 5e-4,
-    "warmup_steps": 5,
-    "lr_schedule": "cosine",
-    "alpha_schedule": "cosine",
-    "fade_steps": 30,
-    "stagger": 0.5,
-    "teacher": "separate",
-    "kd_weight": 1.0,
-    "kd_temperature": 4.0,
-    "recon_weight": 0.1,
-    "init_samples": 16,
-    "eval_every": 0,
-    "save_every": 10,
-}
+DEFAULT_STEPS = TrainConfig.max_steps
 QAT_START_FRACTION = 0.6
-# Training text: up to this many seq_len sequences of the calibration split (512k tokens; a 30-minute
-# CPU run reads about a third of it, so no sequence is seen twice).
-TRAIN_SEQUENCES = 2048
 
 
 def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float | None = DEFAULT_MINUTES,
@@ -54,23 +30,10 @@ def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float |
         raise ConfigError("--qat needs --bits")
     if minutes is not None and minutes <= 0:
         raise ConfigError(f"--train-minutes={minutes} must be > 0")
-    steps = DEFAULT_STEPS
     values = {
-        **RECIPE,
-        "max_steps": steps,
+        "compress": dataclasses.replace(cfg, method="rtn") if qat else cfg,
         "max_minutes": minutes,
-        "train_samples": TRAIN_SEQUENCES,
-        "n": cfg.n,
-        "num_bases": cfg.num_bases,
-        "layer_bases": dict(cfg.layer_bases),
-        "ridge": cfg.ridge,
-        "target_patterns": cfg.target_patterns,
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "symmetric": cfg.symmetric,
-        "export_method": "rtn" if qat else cfg.method,
-        "qat_start_step": round(QAT_START_FRACTION * steps) if qat else None,
-        "rest_dtype": cfg.rest_dtype,
+        "qat_start_step": round(QAT_START_FRACTION * DEFAULT_STEPS) if qat else None,
         "output_dir": output_dir,
         "progress": True,
     }

@@ -14,11 +14,13 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hyperquant.atomic import atomic_output_dir
 from hyperquant.convert import find_ffn_linears, set_module
 from hyperquant.errors import HyperquantError
 from hyperquant.pipeline import input_covariances
@@ -50,7 +52,7 @@ def bases_for(cfg: TrainConfig, layer_bases: dict[str, int], name: str) -> int:
     for pattern, b in layer_bases.items():
         if re.search(pattern, name):
             return b
-    return cfg.num_bases
+    return cfg.compress.num_bases
 
 
 def sequential_phm_init(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int], names: list[str],
@@ -58,13 +60,12 @@ def sequential_phm_init(model: nn.Module, cfg: TrainConfig, layer_bases: dict[st
     """Float PHM layers fitted by `hyperquant.compress` (bits=None) on a copy of ``model``: block by
     block, each on the inputs produced by the PHM blocks below it."""
     import copy
+    import dataclasses
 
-    from hyperquant.config import CompressConfig
     from hyperquant.pipeline import compress
 
     pinned = {re.escape(name) + "$": bases_for(cfg, layer_bases, name) for name in names}
-    ccfg = CompressConfig(bits=None, n=cfg.n, num_bases=cfg.num_bases, layer_bases=pinned, init="activation",
-                          ridge=cfg.ridge, target_patterns=cfg.target_patterns, rest_dtype="float32")
+    ccfg = dataclasses.replace(cfg.compress, bits=None, layer_bases=pinned, init="activation", rest_dtype="float32")
     clone = compress(copy.deepcopy(model), ccfg, init_ids, progress=False)
     return {name: clone.get_submodule(name) for name in names}
 
@@ -73,8 +74,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
                   init_ids: torch.Tensor | None) -> list[str]:
     """In place: wrap each FFN linear (PHM branch initialized from the dense weight), add LoRA, and set
     which parameters train. Returns the wrapped layer names."""
-    targets = find_ffn_linears(model, cfg.target_patterns)
-    activation = cfg.init == "activation" and init_ids is not None
+    c = cfg.compress
+    targets = find_ffn_linears(model, c.target_patterns, c.min_features)
+    activation = c.init == "activation" and init_ids is not None
     covs: dict[str, torch.Tensor] = {}
     fitted: dict[str, nn.Module] = {}
     if activation and cfg.init_sequential:
@@ -83,12 +85,12 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
         covs = input_covariances(model, targets, init_ids)
     quant = None
     if cfg.qat_start_step is not None:
-        quant = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+        quant = {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric,
                  "learn_scales": cfg.qat_learn_scales}
     for name, module in targets.items():
         b = bases_for(cfg, layer_bases, name)
         try:
-            wrapper = wrap_linear(module, cfg.n, b, covs.get(name), cfg.ridge, quant, block_of(name),
+            wrapper = wrap_linear(module, c.n, b, covs.get(name), c.ridge, quant, block_of(name),
                                   fitted.get(name))
         except ValueError as e:
             raise HyperquantError(f"layer {name}: {e}") from None
@@ -149,16 +151,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict) -> Path:
     folder = output_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
-               tmp / "state.pt")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+                   tmp / "state.pt")
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -255,6 +252,214 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
 
 
+@dataclass
+class _Run:
+    """The state one training run carries from step to step (its pieces below read and update it)."""
+
+    cfg: TrainConfig  # as (re-)planned
+    template: TrainConfig  # as given: re-plans scale this one
+    accelerator: object
+    model: nn.Module  # unwrapped
+    wrapped: nn.Module  # as accelerate prepared it (DDP when several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    teacher: nn.Module | None
+    trainable: list
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    output_dir: Path
+    layer_bases: dict[str, int]
+    history: list[dict]
+    log: RunLog
+    start_step: int
+    replans: list  # fractions of the time budget still to re-plan at (None: after PLAN_AFTER_STEPS)
+    capacity: CapacityPlan | None = None
+    first_step_end: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def save(self, at_step: int) -> None:
+        save_checkpoint(self.output_dir, at_step, self.model, self.optimizer, self.scheduler,
+                        {"layer_bases": self.layer_bases, "history": self.history, "config": self.cfg.to_dict(),
+                         "schedule": self.cfg.schedule()})  # the schedule as re-planned at the time of saving
+
+    def evaluate(self, step: int) -> dict:
+        row = {"step": step, "ppl": validation_perplexity(self.model, self.eval_ids, self.cfg)}
+        self.log.evaluation(row)
+        self.history.append(row)
+        return row
+
+
+def _resume_state(cfg: TrainConfig, output_dir: Path) -> tuple[dict | None, Path | None]:
+    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
+    return (torch.load(ckpt / "state.pt", weights_only=False) if ckpt is not None else None), ckpt
+
+
+def _assign_bases(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, state: dict | None, main: bool,
+                  output_dir: Path) -> tuple[dict[str, int], CapacityPlan | None]:
+    """B per layer: the config's, the Fisher capacity plan's on a new run, the checkpoint's on resume."""
+    c = cfg.compress
+    if state is not None:
+        return state["layer_bases"], None
+    if cfg.capacity == "none":
+        return dict(c.layer_bases), None
+    plan = assign_capacity(model, train_ids[: cfg.capacity_samples], c.n, c.num_bases, cfg.capacity,
+                           cfg.capacity_budget, cfg.capacity_topk, cfg.capacity_max_bases, c.bits,
+                           c.group_size, c.symmetric, c.target_patterns)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "capacity.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        (output_dir / "capacity.md").write_text(plan.table() + "\n")
+    return {**plan.layer_bases, **c.layer_bases}, plan
+
+
+def _frozen_teacher(cfg: TrainConfig, source) -> nn.Module | None:
+    from hyperquant.models import load_model
+
+    if cfg.teacher != "separate" or cfg.kd_weight <= 0:
+        return None
+    teacher = load_model(source)[0].eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _optimizer(model: nn.Module, cfg_ref: list[TrainConfig], state: dict | None):
+    """AdamW over the trainable parameters (LoRA in its own group) and the LR schedule; the schedule reads
+    the current config through ``cfg_ref`` so a re-plan changes it in place."""
+    cfg = cfg_ref[0]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if "lora_" not in n], "lr": cfg.lr}]
+    lora_params = [p for n, p in trainable if "lora_" in n]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": cfg.lora_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg_ref[0]))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return trainable, optimizer, scheduler
+
+
+def _step(run: _Run, step: int) -> dict:
+    """One optimizer step (gradient accumulation over micro-batches); returns its log row."""
+    cfg, model, accelerator = run.cfg, run.model, run.accelerator
+    if step >= cfg.stage_b and has_dense(model):
+        drop_dense(model)
+    qat_on = cfg.qat_start_step is not None and step >= cfg.qat_start_step
+    if qat_on:
+        for m in interpolated_layers(model).values():
+            if not bool(m.quantizer.enabled):
+                m.quantizer.enable(m.phm.a_cat.detach())
+    # optimizer step s trains at the schedule's value after s + 1 steps: alpha = 1 after fade_steps
+    mean_alpha = set_alphas(model, step + 1, cfg.fade_steps, cfg.alpha_schedule, cfg.stagger)
+    dense_alive = has_dense(model)
+    kd_available = cfg.kd_weight > 0 and (run.teacher is not None or (cfg.teacher == "self" and dense_alive))
+    lambda_kd = cfg.kd_weight * (mean_alpha if cfg.kd_ramp else 1.0) if kd_available else 0.0
+    global_batch = cfg.per_device_batch_size * run.world * cfg.grad_accum_steps
+    rows = global_batch_rows(step, global_batch, len(run.train_ids), cfg.data_seed)
+    sums = torch.zeros(4)  # loss, ce, kd, recon (means over micro-batches)
+    for micro in range(cfg.grad_accum_steps):
+        first = (micro * run.world + accelerator.process_index) * cfg.per_device_batch_size
+        batch = run.train_ids[rows[first : first + cfg.per_device_batch_size]].to(accelerator.device)
+        last = micro == cfg.grad_accum_steps - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.wrapped):
+            sums += _micro_step(run, batch, lambda_kd) / cfg.grad_accum_steps
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for _, p in run.trainable], cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    means = accelerator.reduce(sums.to(accelerator.device), reduction="mean").cpu()
+    return {"step": step + 1, "stage": "A" if dense_alive else "B", "mean_alpha": round(mean_alpha, 6),
+            "lr": run.scheduler.get_last_lr()[0], "loss": float(means[0]), "ce": float(means[1]),
+            "kd": float(means[2]), "recon": float(means[3]), "lambda_kd": lambda_kd, "qat": qat_on,
+            "tokens": (step + 1) * global_batch * cfg.seq_len}
+
+
+def _micro_step(run: _Run, batch: torch.Tensor, lambda_kd: float) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns (loss, ce, kd, recon) as floats."""
+    cfg, accelerator = run.cfg, run.accelerator
+    teacher_logits = None
+    if lambda_kd > 0:
+        with torch.no_grad(), accelerator.autocast():
+            if run.teacher is not None:
+                teacher_logits = run.teacher(input_ids=batch, use_cache=False).logits
+            else:
+                with fixed_alpha(run.model, 0.0), adapters_disabled(run.model):
+                    teacher_logits = run.model(input_ids=batch, use_cache=False).logits
+    with accelerator.autocast():
+        logits = run.wrapped(input_ids=batch, use_cache=False).logits
+    ce = causal_lm_loss(logits, batch, cfg.label_smoothing)
+    loss = cfg.ce_weight * ce
+    kd = kd_loss(logits, teacher_logits, cfg.kd_temperature) if teacher_logits is not None else None
+    if kd is not None:
+        loss = loss + lambda_kd * kd
+    recon = reconstruction_loss(run.model) if cfg.recon_weight > 0 else None
+    if recon is not None:
+        loss = loss + cfg.recon_weight * recon
+    if loss.requires_grad:  # False only while every layer is still at alpha = 0 without recon
+        accelerator.backward(loss / cfg.grad_accum_steps)
+    return torch.tensor([float(loss.detach()), float(ce.detach()), float(kd.detach()) if kd is not None else 0.0,
+                         float(recon.detach()) if recon is not None else 0.0])
+
+
+def _maybe_replan(run: _Run, done: int, elapsed: float, cfg_ref: list[TrainConfig], bar) -> None:
+    """A budgeted run re-plans its steps from their measured time: after PLAN_AFTER_STEPS steps, then at
+    REPLAN_AT fractions of the budget. A re-plan never moves a milestone already passed."""
+    cfg = run.cfg
+    if not run.replans or not (done == cfg.max_steps or (done >= PLAN_AFTER_STEPS and (
+            run.replans[0] is None or elapsed >= run.replans[0] * 60 * cfg.max_minutes))):
+        return
+    run.replans.pop(0)
+    accelerator = run.accelerator
+    # Seconds per step since the first (which carries one-off costs); every process must agree.
+    seconds = (time.perf_counter() - run.first_step_end) / (done - 1) if done > 1 else elapsed
+    seconds = accelerator.reduce(torch.tensor([seconds], device=accelerator.device), reduction="mean").item()
+    fit = max(done, done + int((cfg.max_minutes * 60 - elapsed) / max(seconds, 1e-6)))
+    run.cfg = cfg_ref[0] = cfg.replanned(run.template, done, fit)
+    if bar is not None:
+        bar.total = run.cfg.max_steps
+        bar.refresh()
+    if run.main:
+        with open(run.output_dir / "plan.jsonl", "a") as f:
+            f.write(json.dumps({"after_step": done, "elapsed_s": round(elapsed, 2), "step_s": seconds,
+                                "max_minutes": run.cfg.max_minutes, **run.cfg.schedule()}) + "\n")
+
+
+def _finish(run: _Run, tokenizer, t0: float) -> dict:
+    """The last checkpoint, the final evaluation, the export to final/ and summary.json."""
+    cfg, done = run.cfg, run.cfg.max_steps
+    if done >= cfg.stage_b and has_dense(run.model):
+        drop_dense(run.model)
+    summary: dict = {"steps": done, "processes": run.world, "train_time_s": time.perf_counter() - t0,
+                     "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
+    if run.main:
+        if done > run.start_step or run.start_step == 0:
+            run.save(done)
+        ev = run.evaluate(done)
+        summary["eval"] = run.history
+        if run.capacity is not None:
+            summary["capacity"] = {"method": run.capacity.method, "total_params": run.capacity.total_params,
+                                   "total_bytes": run.capacity.total_bytes}
+        if cfg.export:
+            from hyperquant.checkpoint import save_compressed
+
+            final = finalize(run.model, cfg, run.train_ids[: cfg.init_samples], {"steps": done, "final_eval": ev["ppl"]})
+            summary["exported_ppl"] = validation_perplexity(final, run.eval_ids, cfg)["1"]
+            summary["final_dir"] = str(save_compressed(final, run.output_dir / "final", tokenizer,
+                                                       overwrite=cfg.overwrite))
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
 def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
           eval_ids: torch.Tensor | None = None, stop_after: int | None = None,
           model: nn.Module | None = None, tokenizer=None) -> dict:
@@ -273,7 +478,6 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         torch.set_num_threads(cfg.num_threads)
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
-    world = accelerator.num_processes
     output_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
@@ -287,39 +491,18 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
-    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
-    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt is not None else None
+    state, ckpt = _resume_state(cfg, output_dir)
     start_step = state["step"] if state else 0
-    # A budgeted run re-plans its steps from their measured time (after step 2, then at 25/50/75 % of the
-    # budget); a resumed one keeps the schedule its checkpoint recorded.
+    # A budgeted run re-plans its steps from their measured time; a resumed one keeps the schedule its
+    # checkpoint recorded.
     template = cfg
     replans = [] if cfg.max_minutes is None or start_step > 0 else [None, *REPLAN_AT]
     if state is not None and cfg.max_minutes is not None and state.get("schedule"):
         cfg = cfg.replace(**state["schedule"])
+    layer_bases, capacity = _assign_bases(cfg, model, train_ids, state, main, output_dir)
+    teacher = _frozen_teacher(cfg, source)
 
-    # capacity: Fisher on the dense model, B per layer (kept from the checkpoint on resume)
-    layer_bases = dict(cfg.layer_bases)
-    plan: CapacityPlan | None = None
-    if state is not None:
-        layer_bases = state["layer_bases"]
-    elif cfg.capacity != "none":
-        plan = assign_capacity(model, train_ids[: cfg.capacity_samples], cfg.n, cfg.num_bases, cfg.capacity,
-                               cfg.capacity_budget, cfg.capacity_topk, cfg.capacity_max_bases, cfg.bits,
-                               cfg.group_size, cfg.symmetric, cfg.target_patterns)
-        layer_bases = {**plan.layer_bases, **layer_bases}
-        if main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "capacity.json").write_text(json.dumps(plan.to_dict(), indent=2))
-            (output_dir / "capacity.md").write_text(plan.table() + "\n")
-
-    teacher = None
-    if cfg.teacher == "separate" and cfg.kd_weight > 0:
-        teacher = load_model(source)[0].eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-
-    init_ids = None if state is not None else train_ids[: cfg.init_samples]
-    prepare_model(model, cfg, layer_bases, init_ids)
+    prepare_model(model, cfg, layer_bases, None if state is not None else train_ids[: cfg.init_samples])
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model)
@@ -328,156 +511,46 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
             raise HyperquantError(f"checkpoint {ckpt} does not match this configuration (unexpected {unexpected[:3]})")
         torch.set_rng_state(state["torch_rng"])
     model.train()
-
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if "lora_" not in n], "lr": cfg.lr}]
-    lora_params = [p for n, p in trainable if "lora_" in n]
-    if lora_params:
-        groups.append({"params": lora_params, "lr": cfg.lora_lr or cfg.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    history = list(state.get("history", [])) if state else []
+    cfg_ref = [cfg]  # the LR schedule reads the re-planned config through this
+    trainable, optimizer, scheduler = _optimizer(model, cfg_ref, state)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(wrapped)
+    run = _Run(cfg=cfg, template=template, accelerator=accelerator, model=accelerator.unwrap_model(wrapped),
+               wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher, trainable=trainable,
+               train_ids=train_ids, eval_ids=eval_ids, output_dir=output_dir, layer_bases=layer_bases,
+               history=list(state.get("history", [])) if state else [], log=RunLog(output_dir, main, start_step),
+               start_step=start_step, replans=replans, capacity=capacity)
 
-    log = RunLog(output_dir, main, start_step)
-    global_batch = cfg.per_device_batch_size * world * cfg.grad_accum_steps
     bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
     if start_step == 0 and main and cfg.eval_every:
-        row = {"step": 0, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
-        log.evaluation(row)
-        history.append(row)
-    def save_state(at_step: int) -> None:
-        save_checkpoint(output_dir, at_step, unwrapped, optimizer, scheduler,
-                        {"layer_bases": layer_bases, "history": history, "config": cfg.to_dict(),
-                         "schedule": cfg.schedule()})  # `cfg` as re-planned at the time of saving
-
+        run.evaluate(0)
     t0 = time.perf_counter()
     step = start_step
-    end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+    end_step = run.cfg.max_steps if stop_after is None else min(stop_after, run.cfg.max_steps)
     while step < end_step:
-        if step >= cfg.stage_b and has_dense(unwrapped):
-            drop_dense(unwrapped)
-        qat_on = cfg.qat_start_step is not None and step >= cfg.qat_start_step
-        if qat_on:
-            for m in interpolated_layers(unwrapped).values():
-                if not bool(m.quantizer.enabled):
-                    m.quantizer.enable(m.phm.a_cat.detach())
-        # optimizer step s trains at the schedule's value after s + 1 steps: alpha = 1 after fade_steps
-        mean_alpha = set_alphas(unwrapped, step + 1, cfg.fade_steps, cfg.alpha_schedule, cfg.stagger)
-        dense_alive = has_dense(unwrapped)
-        kd_available = cfg.kd_weight > 0 and (teacher is not None or (cfg.teacher == "self" and dense_alive))
-        lambda_kd = cfg.kd_weight * (mean_alpha if cfg.kd_ramp else 1.0) if kd_available else 0.0
-        rows = global_batch_rows(step, global_batch, len(train_ids), cfg.data_seed)
-        sums = torch.zeros(4)  # loss, ce, kd, recon (means over micro-batches)
-        for micro in range(cfg.grad_accum_steps):
-            first = (micro * world + accelerator.process_index) * cfg.per_device_batch_size
-            batch = train_ids[rows[first : first + cfg.per_device_batch_size]].to(accelerator.device)
-            last = micro == cfg.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(wrapped)
-            with sync:
-                teacher_logits = None
-                if lambda_kd > 0:
-                    with torch.no_grad(), accelerator.autocast():
-                        if teacher is not None:
-                            teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                        else:
-                            with fixed_alpha(unwrapped, 0.0), adapters_disabled(unwrapped):
-                                teacher_logits = unwrapped(input_ids=batch, use_cache=False).logits
-                with accelerator.autocast():
-                    logits = wrapped(input_ids=batch, use_cache=False).logits
-                ce = causal_lm_loss(logits, batch, cfg.label_smoothing)
-                loss = cfg.ce_weight * ce
-                kd = kd_loss(logits, teacher_logits, cfg.kd_temperature) if teacher_logits is not None else None
-                if kd is not None:
-                    loss = loss + lambda_kd * kd
-                recon = reconstruction_loss(unwrapped) if cfg.recon_weight > 0 else None
-                if recon is not None:
-                    loss = loss + cfg.recon_weight * recon
-                if loss.requires_grad:  # False only while every layer is still at alpha = 0 without recon
-                    accelerator.backward(loss / cfg.grad_accum_steps)
-            sums += torch.tensor([float(loss.detach()), float(ce.detach()),
-                                  float(kd.detach()) if kd is not None else 0.0,
-                                  float(recon.detach()) if recon is not None else 0.0]) / cfg.grad_accum_steps
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        means = accelerator.reduce(sums.to(accelerator.device), reduction="mean").cpu()
-        row = {"step": step + 1, "stage": "A" if dense_alive else "B", "mean_alpha": round(mean_alpha, 6),
-               "lr": scheduler.get_last_lr()[0], "loss": float(means[0]), "ce": float(means[1]),
-               "kd": float(means[2]), "recon": float(means[3]), "lambda_kd": lambda_kd, "qat": qat_on,
-               "tokens": (step + 1) * global_batch * cfg.seq_len, "time_s": time.perf_counter() - t0}
-        log.step(row)
+        row = {**_step(run, step), "time_s": time.perf_counter() - t0}
+        run.log.step(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", alpha=f"{mean_alpha:.2f}", stage=row["stage"])
-        done = step + 1
-        step = done
+            bar.set_postfix(loss=f"{row['loss']:.3f}", alpha=f"{row['mean_alpha']:.2f}", stage=row["stage"])
+        step = done = step + 1
         if done == 1:
-            first_step_end = time.perf_counter()
-        elapsed = time.perf_counter() - t0
-        if replans and (done == cfg.max_steps or (done >= PLAN_AFTER_STEPS and (
-                replans[0] is None or elapsed >= replans[0] * 60 * cfg.max_minutes))):
-            replans.pop(0)
-            # Seconds per step since the first (which carries one-off costs); every process must agree.
-            seconds = (time.perf_counter() - first_step_end) / (done - 1) if done > 1 else elapsed
-            seconds = accelerator.reduce(torch.tensor([seconds], device=accelerator.device), reduction="mean").item()
-            fit = max(done, done + int((cfg.max_minutes * 60 - elapsed) / max(seconds, 1e-6)))
-            cfg = cfg.replanned(template, done, fit)  # the LR lambda reads `cfg` through this closure
-            end_step = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
-            if done >= end_step:
-                replans.clear()
-            if bar is not None:
-                bar.total = cfg.max_steps
-                bar.refresh()
+            run.first_step_end = time.perf_counter()
+        _maybe_replan(run, done, time.perf_counter() - t0, cfg_ref, bar)
+        end_step = run.cfg.max_steps if stop_after is None else min(stop_after, run.cfg.max_steps)
+        if done >= end_step:
+            run.replans.clear()
+        if run.cfg.eval_every and done % run.cfg.eval_every == 0 and done < run.cfg.max_steps and main:
+            run.evaluate(done)
+        if run.cfg.save_every and done % run.cfg.save_every == 0 and done < run.cfg.max_steps:
             if main:
-                with open(output_dir / "plan.jsonl", "a") as f:
-                    f.write(json.dumps({"after_step": done, "elapsed_s": round(elapsed, 2), "step_s": seconds,
-                                        "max_minutes": cfg.max_minutes, **cfg.schedule()}) + "\n")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and main:
-            ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
-            log.evaluation(ev)
-            history.append(ev)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            if main:
-                save_state(done)
+                run.save(done)
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
-    if end_step < cfg.max_steps:
+    if end_step < run.cfg.max_steps:
         if main and end_step > start_step:
-            save_state(end_step)
+            run.save(end_step)
         accelerator.wait_for_everyone()
-        return {"steps": end_step, "stopped": True, "processes": world, "layer_bases": layer_bases,
+        return {"steps": end_step, "stopped": True, "processes": run.world, "layer_bases": layer_bases,
                 "output_dir": str(output_dir), "train_time_s": time.perf_counter() - t0}
-    done = cfg.max_steps
-    if done >= cfg.stage_b and has_dense(unwrapped):
-        drop_dense(unwrapped)
-    summary: dict = {"steps": done, "processes": world, "train_time_s": time.perf_counter() - t0,
-                     "layer_bases": layer_bases, "output_dir": str(output_dir)}
-    if main:
-        if done > start_step or state is None:
-            save_state(done)
-        ev = {"step": done, "ppl": validation_perplexity(unwrapped, eval_ids, cfg)}
-        log.evaluation(ev)
-        history.append(ev)
-        summary["eval"] = history
-        if plan is not None:
-            summary["capacity"] = {"method": plan.method, "total_params": plan.total_params,
-                                   "total_bytes": plan.total_bytes}
-        if cfg.export:
-            from hyperquant.checkpoint import save_compressed
-
-            final = finalize(unwrapped, cfg, train_ids[: cfg.init_samples],
-                             {"steps": done, "final_eval": ev["ppl"]})
-            summary["exported_ppl"] = validation_perplexity(final, eval_ids, cfg)["1"]
-            summary["final_dir"] = str(save_compressed(final, output_dir / "final", tokenizer,
-                                                       overwrite=cfg.overwrite))
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return summary
+    return _finish(run, tokenizer, t0)

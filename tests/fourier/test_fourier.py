@@ -11,7 +11,9 @@ from hyperquant import CompressConfig, FourierLinear, compress, save_compressed
 from hyperquant.config import ConfigError
 from hyperquant.fourier import diag_scale, fourier_lowrank, polar_quantize, rank_for_fraction, reconstruct
 from hyperquant.fourier.polar import PolarQuantized
-from hyperquant.layer_compress import compress_linear
+from hyperquant.fourier import FourierPlan
+from hyperquant.kinds import DenseQuantPlan, LayerStats
+from hyperquant.layer_compress import compress_layer
 from hyperquant.phm.projection import relative_output_error, relative_weight_error
 from hyperquant.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
@@ -169,25 +171,26 @@ def test_forward_is_linear_with_the_effective_weight():
 
 
 def test_config_validation():
-    cfg = CompressConfig(method="fourier", n=1, bits=4)
-    assert cfg.needs_calibration
-    assert not CompressConfig(method="fourier", n=1, bits=4, diag_calibration=False).needs_calibration
+    cfg = CompressConfig.every_layer(FourierPlan(bits=4))
+    assert cfg.needs_calibration and cfg.entry_for("model.layers.0.mlp.up_proj") == FourierPlan(bits=4)
+    assert not CompressConfig.every_layer(FourierPlan(bits=4, diag_calibration=False)).needs_calibration
     assert not CompressConfig(method="rtn", n=1, bits=4).needs_calibration  # unchanged
-    with pytest.raises(ConfigError, match="use n=1"):
-        CompressConfig(method="fourier", n=2, bits=4)
-    with pytest.raises(ConfigError, match="set bits"):
-        CompressConfig(method="fourier", n=1, bits=None)
+    with pytest.raises(ConfigError, match="method='fourier' is not supported"):
+        CompressConfig(method="fourier", n=1, bits=4)  # no longer a core-config method: a registered kind
+    with pytest.raises(ConfigError, match="bits=None"):
+        FourierPlan(bits=None)
     for fraction in (0, 1.5):
-        with pytest.raises(ConfigError, match="fourier_fraction"):
-            CompressConfig(method="fourier", n=1, bits=4, fourier_fraction=fraction)
+        with pytest.raises(ConfigError, match="fraction"):
+            FourierPlan(fraction=fraction)
     with pytest.raises(ConfigError, match="phase_bits"):
-        CompressConfig(method="fourier", n=1, bits=4, phase_bits=5)
+        FourierPlan(phase_bits=5)
+    with pytest.raises(ConfigError, match="unknown fourier option"):
+        CompressConfig.every_layer({"kind": "fourier", "fourier_fraction": 0.5})
 
 
 @pytest.mark.parametrize("cfg", [
-    CompressConfig(method="fourier", n=1, bits=4),
-    CompressConfig(method="fourier", n=1, bits=3, phase_bits=4, group_size=16, fourier_fraction=0.5,
-                   rest_dtype="bfloat16"),
+    CompressConfig.every_layer(FourierPlan(bits=4)),
+    CompressConfig.every_layer(FourierPlan(bits=3, phase_bits=4, group_size=16, fraction=0.5), rest_dtype="bfloat16"),
 ], ids=["default-4", "3-4-bf16-rest"])
 def test_compress_calibrates_logs_and_counts_bytes(cfg, tmp_path):
     ids = torch.randint(0, 128, (4, 24))
@@ -205,15 +208,15 @@ def test_compress_calibrates_logs_and_counts_bytes(cfg, tmp_path):
     assert stored == size["bytes"]
 
     for record in model.hyperquant_log:
-        assert record["method"] == "fourier" and record["rank"] == rank_for_fraction(
-            record["out_features"], record["in_features"], cfg.fourier_fraction)
+        assert record["kind"] == "fourier" and record["rank"] == rank_for_fraction(
+            record["out_features"], record["in_features"], cfg.layers[".*"].fraction)
         assert record["output_error"] <= record["output_error_uncalibrated"] * (1 + 1e-6)
         assert record["output_error_lowrank_float"] <= record["output_error_uncalibrated"]
         assert 0 < record["weight_error"] and record["time_s"] >= 0
 
 
 def test_without_calibration_the_channel_scale_is_one():
-    model = compress(tiny_llama(), CompressConfig(method="fourier", n=1, bits=4, diag_calibration=False),
+    model = compress(tiny_llama(), CompressConfig.every_layer(FourierPlan(bits=4, diag_calibration=False)),
                      progress=False)
     for record in model.hyperquant_log:
         assert "output_error" not in record and record["weight_error"] > 0
@@ -230,14 +233,14 @@ def test_matched_bytes_against_rtn():
     out_f, in_f = 64, 128
     _, cov = _calibration(in_f, 600)
     lin = torch.nn.Linear(in_f, out_f, bias=False)
-    cfg_rtn = CompressConfig(method="rtn", n=1, bits=4, group_size=16)
-    cfg_fourier = CompressConfig(method="fourier", n=1, bits=8, fourier_fraction=0.5, group_size=16)
+    rtn_entry = DenseQuantPlan(method="rtn", bits=4, group_size=16)
+    fourier_entry = FourierPlan(bits=8, fraction=0.5, group_size=16)
     results = {}
     for name, w in {"random": torch.randn(out_f, in_f),
                     "rank8": torch.randn(out_f, 8) @ torch.randn(8, in_f) / 8}.items():
         lin.weight.data.copy_(w)
-        rtn, rtn_rec = compress_linear("l", lin, cfg_rtn, cov.float())
-        four, four_rec = compress_linear("l", lin, cfg_fourier, cov.float())
+        rtn, rtn_rec = compress_layer("l", lin, rtn_entry, LayerStats(cov.float()))
+        four, four_rec = compress_layer("l", lin, fourier_entry, LayerStats(cov.float()))
         assert four_rec["rank"] == rank_for_fraction(out_f, in_f, 0.5) >= 8
         rtn_bpw = _bytes_per_weight(rtn, out_f, in_f)
         four_bpw = _bytes_per_weight(four, out_f, in_f)

@@ -61,3 +61,16 @@ def test_learned_bases_get_gradients_and_fixed_do_not():
 def test_bad_shapes_are_rejected(bad):
     with pytest.raises(ValueError, match="n"):
         PHMLinear(8, 8, **bad)
+
+
+def test_from_dense_reads_gpt2_conv1d_as_out_by_in():
+    """GPT-2's Conv1D stores its weight (in, out); the PHM layer must represent the same map as nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(12, 8)  # nf=12 outputs, nx=8 inputs: weight (8, 12)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    layer = PHMLinear.from_dense(conv, n=2, num_bases=4)  # B = n^2: the projection is exact
+    assert (layer.in_features, layer.out_features) == (8, 12)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -200,3 +200,17 @@ def test_screenshot_script_cli_fails_cleanly_without_html(tmp_path):
                              str(tmp_path / "missing.html"), str(tmp_path / "x.png")],
                             check=False, capture_output=True, text=True)
     assert result.returncode != 0 and "missing.html" in result.stderr
+
+
+def test_notes_and_labels_cannot_inject_markup(tmp_path):
+    """The HTML writer (markdown-it, raw HTML off) renders person-written notes and user labels as text."""
+    points = synthetic_points()
+    points[0]["label"] = "<img src=x onerror=alert(1)> *star*"
+    notes = ("# Heading\n\n<script>alert(1)</script>\n\n[click](javascript:alert(1)) and "
+             "[docs](https://example.org)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    paths = write_report(points, tmp_path, {**META, "notes_md": notes})
+    text = paths["html"].read_text()
+    assert "<script" not in text and "href=\"javascript" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;" in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "<h2>Heading</h2>" in text  # the notes' headings sit one level below the report's
+    assert '<a href="https://example.org">docs</a>' in text and "<td>2</td>" in text

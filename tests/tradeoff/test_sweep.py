@@ -17,21 +17,22 @@ FAST = {"eval_tokens": 256, "eval_context": 64, "calib_samples": 4, "calib_seq_l
 
 
 def test_point_specs_are_validated():
-    cases = [({"method": "awq"}, "not a sweep method"),
-             ({"method": "dense", "bits": 4}, "needs quantizer"),
-             ({"method": "phm", "quantizer": "gptq"}, "both quantizer and bits"),
-             ({"method": "phm", "n": 2, "bases": 5, "quantizer": "rtn", "bits": 4}, "number of bases 5"),
-             ({"method": "dense", "quantizer": "rtn", "bits": 5}, "bits=5"),
-             ({"method": "fourier", "fraction": 1.5, "bits": 4}, "fourier_fraction"),
-             ({"method": "checkpoint"}, "needs path")]
+    cases = [({}, "exactly one of"),
+             ({"original": True, "baseline": "bnb-nf4"}, "exactly one of"),
+             ({"baseline": "awq"}, "not a baseline"),
+             ({"compress": {"n": 2, "num_bases": 5, "method": "rtn", "bits": 4}}, "number of bases 5"),
+             ({"compress": {"n": 1, "method": "rtn", "bits": 5}}, "bits=5"),
+             ({"compress": {"layers": {".*": {"kind": "fourier", "fraction": 1.5}}}}, "fraction=1.5"),
+             ({"compress": {"layers": {".*": {"kind": "awq"}}}}, "unknown layer kind"),
+             ({"compress": {"nn": 2}}, "unknown compress option")]
     for fields, message in cases:
         with pytest.raises(ConfigError, match=message):
             PointSpec(**fields)
     with pytest.raises(ConfigError, match="unknown point field"):
-        SweepConfig(points=[{"method": "original", "bitz": 4}])
+        SweepConfig(points=[{"original": True, "bitz": 4}])
     with pytest.raises(ConfigError, match="share the label"):
-        SweepConfig(points=[{"method": "original"}, {"method": "dense", "quantizer": "rtn", "bits": 4,
-                                                      "label": "dense fp32 (original)"}])
+        SweepConfig(points=[{"original": True}, {"compress": {"n": 1, "method": "rtn", "bits": 4},
+                                                 "label": "dense fp32 (original)"}])
     with pytest.raises(ConfigError, match="no points"):
         SweepConfig()
     with pytest.raises(ConfigError, match="grid key"):
@@ -39,10 +40,10 @@ def test_point_specs_are_validated():
 
 
 def test_grid_expansion_and_ids():
-    cfg = SweepConfig(points=[{"method": "phm", "n": 2, "bases": 2, "quantizer": "gptq", "bits": 4}],
-                      grid={"method": ["phm"], "n": [2, 4], "bases": [2], "quantizer": ["gptq"], "bits": [4]})
+    cfg = SweepConfig(points=[{"compress": {"n": 2, "num_bases": 2, "method": "gptq", "bits": 4}}],
+                      grid={"n": [2, 4], "num_bases": [2], "method": ["gptq"], "bits": [4]})
     specs = cfg.expanded()
-    assert [(s.n, s.bases) for s in specs] == [(2, 2), (4, 2)]  # the grid's copy of the explicit point is dropped
+    assert [(s.compress.n, s.compress.num_bases) for s in specs] == [(2, 2), (4, 2)]  # the grid's copy is dropped
     a, b = specs
     assert cfg.point_id(a, "m") != cfg.point_id(b, "m")
     relabeled = PointSpec(**{**a.__dict__, "label": "mine"})
@@ -50,10 +51,12 @@ def test_grid_expansion_and_ids():
     assert cfg.point_id(a, "other model") != cfg.point_id(a, "m")
     other = SweepConfig(points=cfg.points, eval_tokens=cfg.eval_tokens * 2)
     assert other.point_id(a, "m") != cfg.point_id(a, "m")
+    assert SweepConfig.from_dict(cfg.to_dict()).expanded() == specs  # the YAML/JSON round trip
     default = default_sweep([4], [2, 4], [2, 5], baselines=False)
-    methods = [(p.method, p.n, p.bases, p.quantizer) for p in default.expanded()]
-    assert ("phm", 2, 5, "gptq") not in methods and ("phm", 4, 5, "gptq") in methods  # B <= n^2 only
-    fractions = sorted(p.fraction for p in default.expanded() if p.method == "fourier")
+    shapes = [(p.method, p.compress.n, p.compress.num_bases, p.compress.method) for p in default.expanded()
+              if p.method == "phm"]
+    assert ("phm", 2, 5, "gptq") not in shapes and ("phm", 4, 5, "gptq") in shapes  # B <= n^2 only
+    fractions = sorted(p.main_entry().fraction for p in default.expanded() if p.method == "fourier")
     assert fractions == [2 / 16, 5 / 16, 2 / 4]
 
 
@@ -69,12 +72,12 @@ def tiny_sweep(tiny_model_dir, tmp_path_factory):
     hyperquant.compress(model, hyperquant.CompressConfig(bits=4, n=2, method="rtn", group_size=16),
                         calibration_ids(tok, 4, 32), progress=False)
     hyperquant.save_compressed(model, trained, tok)
-    points = [{"method": "original"},
-              {"method": "dense", "quantizer": "rtn", "bits": 4, "group_size": 16},
-              {"method": "phm", "n": 2, "bases": 2},
-              {"method": "phm", "n": 2, "bases": 2, "quantizer": "gptq", "bits": 4, "group_size": 16},
-              {"method": "fourier", "fraction": 0.5, "bits": 4, "group_size": 16},
-              {"method": "checkpoint", "path": str(trained), "label": "external"}]
+    points = [{"original": True},
+              {"compress": {"n": 1, "method": "rtn", "bits": 4, "group_size": 16}},
+              {"compress": {"n": 2, "num_bases": 2, "bits": None}},
+              {"compress": {"n": 2, "num_bases": 2, "method": "gptq", "bits": 4, "group_size": 16}},
+              {"compress": {"layers": {".*": {"kind": "fourier", "fraction": 0.5, "bits": 4, "group_size": 16}}}},
+              {"checkpoint": str(trained), "label": "external"}]
     cfg = SweepConfig(model=str(tiny_model_dir), points=points, keep_checkpoints=True, **FAST)
     result = run_sweep(cfg, root / "report", root / "cache", progress=False)
     return cfg, root, result
@@ -127,7 +130,8 @@ def test_cached_points_are_not_recomputed(tiny_sweep, monkeypatch):
     assert [p["metrics"]["perplexity"] for p in again["points"]] == \
         [p["metrics"]["perplexity"] for p in first["points"]]
     # a new point is measured; the others still come from the cache
-    extra = SweepConfig(**{**cfg.to_dict(), "points": [*cfg.points, PointSpec("dense", "rtn", 8, 16)]})
+    new_point = PointSpec(compress={"n": 1, "method": "rtn", "bits": 8, "group_size": 16})
+    extra = SweepConfig.from_dict({**cfg.to_dict(), "points": [*cfg.points, new_point]})
     monkeypatch.undo()
     third = run_sweep(extra, root / "report2", root / "cache", progress=False)
     assert len(third["computed"]) == 1 and len(third["points"]) == 7
@@ -138,7 +142,7 @@ def test_failed_point_is_reported_not_fatal(tiny_model_dir, tmp_path, monkeypatc
         raise RuntimeError("boom")
 
     monkeypatch.setattr(sweep_module, "measure_point", broken)
-    cfg = SweepConfig(model=str(tiny_model_dir), points=[{"method": "original"}], latency=False, **FAST)
+    cfg = SweepConfig(model=str(tiny_model_dir), points=[{"original": True}], latency=False, **FAST)
     result = run_sweep(cfg, tmp_path / "r", tmp_path / "c", progress=False)
     assert result["points"][0]["status"] == "failed" and "boom" in result["points"][0]["error"]
     assert (tmp_path / "r" / "report.md").is_file()
@@ -154,8 +158,8 @@ def test_a_failed_export_keeps_the_point(tiny_model_dir, tmp_path, monkeypatch):
         raise HyperquantError("ONNX export does not match torch")
 
     monkeypatch.setattr(sweep_module, "_export_onnx", refuse)
-    cfg = SweepConfig(model=str(tiny_model_dir), points=[{"method": "dense", "quantizer": "rtn", "bits": 2,
-                                                          "group_size": 16}], **FAST)
+    cfg = SweepConfig(model=str(tiny_model_dir), points=[{"compress": {"n": 1, "method": "rtn", "bits": 2,
+                                                                       "group_size": 16}}], **FAST)
     point = run_sweep(cfg, tmp_path / "r", tmp_path / "c", progress=False)["points"][0]
     assert point["status"] == "ok" and point["metrics"]["perplexity"] > 1
     assert point["metrics"]["decode_ms"] is None and "does not match torch" in point["no_latency_reason"]
@@ -163,9 +167,9 @@ def test_a_failed_export_keeps_the_point(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_report_cli_errors(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("points:\n  - {method: dense, bits: 4}\n")
+    bad.write_text("points:\n  - {compress: {n: 1, bits: 5}}\n")
     result = CliRunner().invoke(app, ["report", "--config", str(bad), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "needs quantizer" in result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "bits=5" in result.output.strip().splitlines()[-1]
     result = CliRunner().invoke(app, ["report", "--n", "two", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
     result = CliRunner().invoke(app, ["report", "--config", str(bad), "--bits", "4", "--out", str(tmp_path / "r")])
@@ -177,7 +181,7 @@ def test_report_cli_runs_a_yaml_sweep(tiny_model_dir, tmp_path):
     (tmp_path / "notes.md").write_text("PHM loses here; see the table.\n")
     (tmp_path / "sweep.yaml").write_text(
         "notes: notes.md\neval_tokens: 256\neval_context: 64\ncalib_samples: 4\ncalib_seq_len: 32\n"
-        "points:\n  - {method: original}\n  - {method: dense, quantizer: rtn, bits: 8, group_size: 16}\n")
+        "points:\n  - {original: true}\n  - {compress: {n: 1, method: rtn, bits: 8, group_size: 16}}\n")
     args = ["report", str(tiny_model_dir), "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "r"),
             "--no-latency"]
     result = CliRunner().invoke(app, args)

@@ -13,12 +13,12 @@ from hyperquant.train import TrainConfig, train
 from hyperquant.train.recipe import DEFAULT_STEPS, compress_train_config
 
 TINY = {"seq_len": 32, "train_samples": 16, "per_device_batch_size": 2, "init_samples": 4, "eval_tokens": 128,
-        "eval_context": 64, "progress": False, "num_threads": 1, "group_size": 16}
+        "eval_context": 64, "progress": False, "num_threads": 1, "compress": {"group_size": 16}}
 
 
 def test_scaled_to_keeps_the_schedule_shape():
     cfg = TrainConfig(max_steps=100, warmup_steps=5, fade_steps=30, stage_b_step=40, qat_start_step=60,
-                      save_every=10, eval_every=0, bits=4)
+                      save_every=10, eval_every=0, compress={"bits": 4})
     big = cfg.scaled_to(300)
     assert (big.max_steps, big.warmup_steps, big.fade_steps, big.stage_b, big.qat_start_step, big.save_every,
             big.eval_every) == (300, 15, 90, 120, 180, 30, 0)
@@ -30,9 +30,10 @@ def test_scaled_to_keeps_the_schedule_shape():
 def test_recipe_follows_the_compress_config(tmp_path):
     ccfg = CompressConfig(bits=3, method="rtn", n=4, num_bases=3, group_size=64, symmetric=True)
     tcfg = compress_train_config(ccfg, str(tmp_path), minutes=5, qat=True)
-    assert (tcfg.n, tcfg.num_bases, tcfg.bits, tcfg.group_size, tcfg.symmetric) == (4, 3, 3, 64, True)
+    c = tcfg.compress
+    assert (c.n, c.num_bases, c.bits, c.group_size, c.symmetric) == (4, 3, 3, 64, True)
     assert tcfg.max_minutes == 5 and tcfg.max_steps == DEFAULT_STEPS
-    assert tcfg.export_method == "rtn" and 0 < tcfg.qat_start_step < tcfg.max_steps
+    assert c.method == "rtn" and 0 < tcfg.qat_start_step < tcfg.max_steps
     assert compress_train_config(CompressConfig(), str(tmp_path), qat=False).qat_start_step is None
     assert compress_train_config(CompressConfig(), str(tmp_path), overrides={"lr": 1e-3}).lr == 1e-3
     with pytest.raises(ConfigError, match="n >= 2"):
@@ -69,7 +70,7 @@ def test_budgeted_run_plans_its_steps_from_the_second_step(tiny_model_dir, tmp_p
 
 def test_replanning_never_moves_a_milestone_already_passed():
     template = TrainConfig(max_steps=100, warmup_steps=10, fade_steps=30, stage_b_step=40, qat_start_step=60,
-                           bits=4, save_every=10, eval_every=0)
+                           compress={"bits": 4}, save_every=10, eval_every=0)
     current = template.scaled_to(200)  # fade 60, Stage B 80, QAT 120
     shorter = current.replanned(template, done=90, max_steps=150)
     assert (shorter.warmup_steps, shorter.fade_steps, shorter.stage_b) == (20, 60, 80)  # passed: kept

@@ -18,13 +18,13 @@ def _ids(vocab=128, rows=2, cols=16, seed=1):
 def _prepared(cfg=None, layers=2):
     dense = tiny_llama(layers=layers)
     model = copy.deepcopy(dense)
-    cfg = cfg or TrainConfig(init="frobenius")
+    cfg = cfg or TrainConfig(compress={"init": "frobenius"})
     prepare_model(model, cfg, {}, None)
     return dense, model
 
 
 def test_alpha_zero_reproduces_dense_logits_exactly():
-    dense, model = _prepared(TrainConfig(init="activation", recon_weight=1.0))
+    dense, model = _prepared(TrainConfig(compress={"init": "activation"}, recon_weight=1.0))
     ids = _ids()
     set_alphas(model, 0, fade_steps=10, schedule="linear", stagger=0.0)
     for train_mode in (False, True):  # in training mode the PHM branch also runs (for the recon loss)

@@ -33,7 +33,7 @@ def test_label_smoothed_cross_entropy():
 def test_self_teacher_is_the_dense_model_without_lora_and_lora_merges():
     dense = tiny_llama()
     model = copy.deepcopy(dense)
-    prepare_model(model, TrainConfig(init="frobenius", lora_r=4, lora_include_o=True), {}, None)
+    prepare_model(model, TrainConfig(compress={"init": "frobenius"}, lora_r=4, lora_include_o=True), {}, None)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("q_proj.lora_A" in n for n in names) and any("o_proj.lora_B" in n for n in names)
     assert any(n.endswith("phm.factors") for n in names)

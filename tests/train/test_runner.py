@@ -13,7 +13,7 @@ from hyperquant.train import TrainConfig, train, train_command
 from hyperquant.train.runner import global_batch_rows
 
 BASE = {"seq_len": 32, "train_samples": 16, "per_device_batch_size": 2, "max_steps": 6, "fade_steps": 2,
-        "stage_b_step": 4, "warmup_steps": 1, "init_samples": 4, "group_size": 16, "eval_every": 0,
+        "stage_b_step": 4, "warmup_steps": 1, "init_samples": 4, "compress": {"group_size": 16}, "eval_every": 0,
         "eval_tokens": 128, "eval_context": 64, "progress": False, "export": False, "save_every": 3, "num_threads": 1}
 
 
@@ -31,12 +31,15 @@ def test_config_is_validated(tmp_path):
     with pytest.raises(ConfigError):
         TrainConfig(fade_steps=10, stage_b_step=5)
     with pytest.raises(ConfigError):
-        TrainConfig(bits=5)
+        TrainConfig(compress={"bits": 5})
     with pytest.raises(ConfigError):
         TrainConfig.from_dict({"learning_rate": 1.0})
-    (tmp_path / "t.yaml").write_text("max_steps: 7\nlayer_bases: {'layers\\.0\\.': 3}\n")
+    with pytest.raises(ConfigError, match="unknown compress option"):
+        TrainConfig.from_dict({"compress": {"bases": 3}})
+    (tmp_path / "t.yaml").write_text("max_steps: 7\ncompress: {layer_bases: {'layers\\.0\\.': 3}}\n")
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
-    assert cfg.max_steps == 7 and cfg.layer_bases == {r"layers\.0\.": 3}
+    assert cfg.max_steps == 7 and cfg.compress.layer_bases == {r"layers\.0\.": 3}
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the YAML/JSON round trip
 
 
 def test_global_batches_do_not_depend_on_the_process_split():
@@ -68,8 +71,9 @@ def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
-    cfg = TrainConfig(**{**BASE, "export": True, "save_every": 0}, qat_start_step=3, export_method=method,
-                      rest_dtype="float32", output_dir=str(tmp_path / "run"), lora_r=2)
+    cfg = TrainConfig(**{**BASE, "export": True, "save_every": 0,
+                         "compress": {"group_size": 16, "method": method, "rest_dtype": "float32"}},
+                      qat_start_step=3, output_dir=str(tmp_path / "run"), lora_r=2)
     summary = train(str(tiny_model_dir), cfg)
     loaded = hyperquant.load(summary["final_dir"])
     section = loaded.config.hyperquant

@@ -1,0 +1,117 @@
+"""The one compress -> measure -> write-folder path, shared by `hyperquant compress` (with and without
+training), the tradeoff sweep and the bench scripts.
+
+``measure`` gives a table row (label, size, perplexity); ``write_output`` publishes a compressed model as
+a checkpoint folder with report.md and summary.json in one atomic rename; ``compress_and_measure`` and
+``compress_to_folder`` put them together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hyperquant.config import CompressConfig
+from hyperquant.errors import HyperquantError
+from hyperquant.plan import plan_label, plan_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """What every row of one run is measured on (None: no perplexity)."""
+
+    eval_ids: torch.Tensor | None = None
+    protocol: object | None = None  # evals.PerplexityProtocol
+
+    def to_dict(self) -> dict | None:
+        return self.protocol.to_dict() if self.protocol is not None else None
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    row: dict  # {"label", "size", "perplexity"}
+    seconds: float
+    folder: Path | None = None
+    log: list[dict] = field(default_factory=list)
+
+
+def model_label(model: nn.Module, suffix: str = "") -> str:
+    """The label of a compressed model, from the plan it carries."""
+    section = getattr(model.config, "hyperquant", None) or {}
+    plan = plan_from_dict(section.get("plan") or {})
+    return (plan_label(plan) if plan else "compressed") + suffix
+
+
+def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: str | None = None) -> dict:
+    """A table row: size (bytes as stored, rest weights at ``rest_dtype``) and held-out perplexity."""
+    from hyperquant.evals import model_size, perplexity
+    from hyperquant.evals.size import dtype_bytes
+
+    row = {"label": label, "size": model_size(model, rest_bytes_per_param=dtype_bytes(rest_dtype) if rest_dtype
+                                              else None)}
+    if evaluation.protocol is not None:
+        log.info("perplexity of %s", label)
+        row["perplexity"] = perplexity(model, evaluation.eval_ids, evaluation.protocol)["perplexity"]
+    return row
+
+
+def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, rows: list[dict], seconds: float,
+                 evaluation: Evaluation, overwrite: bool, report_extra: str = "", summary_extra: dict | None = None,
+                 extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Save ``model`` (compressed) as a checkpoint folder with report.md and summary.json; ``rows`` are the
+    table rows (the last one is this model's; its on-disk bytes are filled in here)."""
+    from hyperquant.checkpoint import WEIGHTS_NAME, save_compressed
+    from hyperquant.report import compress_report_md
+
+    section = model.config.hyperquant
+    config = section["compress_config"]
+
+    def write_report(folder: Path) -> None:
+        rows[-1]["size"]["bytes_on_disk"] = (folder / WEIGHTS_NAME).stat().st_size
+        if extra_files is not None:
+            extra_files(folder)
+        text = compress_report_md(source, config, rows, getattr(model, "hyperquant_log", []),
+                                  evaluation.to_dict(), seconds)
+        (folder / "report.md").write_text(text + report_extra)
+        summary = {"source": source, "config": config, "plan": section.get("plan"), "rows": rows,
+                   "protocol": evaluation.to_dict(), "compress_seconds": seconds, **(summary_extra or {})}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    return save_compressed(model, out_dir, tokenizer, overwrite=overwrite, extra_files=write_report)
+
+
+def compress_and_measure(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor | None, evaluation: Evaluation,
+                         label: str | None = None, progress: bool = True) -> CompressResult:
+    """Compress ``model`` in place as ``cfg`` says and measure it (no folder written)."""
+    from hyperquant.pipeline import compress
+
+    if cfg.needs_calibration and calib is None:
+        raise HyperquantError("this configuration needs calibration data; pass calibration token ids")
+    start = time.perf_counter()
+    compress(model, cfg, calib if cfg.needs_calibration else None, progress=progress)
+    seconds = time.perf_counter() - start
+    row = measure(model, label or model_label(model), evaluation, cfg.rest_dtype)
+    return CompressResult(model, row, seconds, log=model.hyperquant_log)
+
+
+def compress_to_folder(model: nn.Module, tokenizer, cfg: CompressConfig, out_dir: Path, *, source: str,
+                       calib: torch.Tensor | None, evaluation: Evaluation, overwrite: bool,
+                       rows: list[dict] | None = None, label: str | None = None,
+                       progress: bool = True) -> CompressResult:
+    """Compress, measure and publish: the checkpoint folder with its report. ``rows``: rows measured
+    before (the original model's), shown above this one in the report."""
+    result = compress_and_measure(model, cfg, calib, evaluation, label, progress)
+    all_rows = [*(rows or []), result.row]
+    result.folder = write_output(model, out_dir, tokenizer, source=source, rows=all_rows, seconds=result.seconds,
+                                 evaluation=evaluation, overwrite=overwrite)
+    return result
