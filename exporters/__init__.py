@@ -21,8 +21,10 @@ from hyperquant.exporters.export import (
     export_ort_rtn,
     parity_tolerance,
 )
-from hyperquant.exporters.ops import DOMAIN, ORT_SUPPORTED_BITS, attach_functions, translation_table
+from hyperquant.exporters.ops import DOMAIN, attach_functions, translation_table
 from hyperquant.exporters.runtime import OnnxCausalLM, generate, generate_ids, make_session
+
+from hyperquant.kinds import ORT_SUPPORTED_BITS
 
 __all__ = [
     "DEFAULT_OPSET",

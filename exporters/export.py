@@ -381,27 +381,17 @@ def _load_tokenizer(folder: Path):
         return None
 
 
-def export_checkpoint(
-    folder: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    accuracy_level: int = 0,
-    opset: int = DEFAULT_OPSET,
-    device: str = "cpu",
-    with_cache: bool = True,
-    overwrite: bool = False,
-    rest_bits: int | None = None,
-) -> dict:
-    """Export a hyperquant checkpoint folder (from `hyperquant compress`) to ONNX; returns the report."""
+def export_checkpoint(folder: str | os.PathLike, out_path: str | os.PathLike, **options) -> dict:
+    """Export a hyperquant checkpoint folder (from `hyperquant compress`) to ONNX; returns the report.
+    ``options``: export_model's keyword options (accuracy_level, opset, device, with_cache, overwrite,
+    rest_bits, ...)."""
     from hyperquant.checkpoint import load, read_hyperquant_config
 
     folder = Path(folder)
     read_hyperquant_config(folder)  # one-line errors: missing folder, another format version
-    _check_options(accuracy_level, opset, device)
+    _check_options(options.get("accuracy_level", 0), options.get("opset", DEFAULT_OPSET), options.get("device", "cpu"))
     model = load(folder)  # a layer that cannot be exported is refused before tracing (export_modules)
-    return export_model(model, out_path, _load_tokenizer(folder), accuracy_level=accuracy_level, opset=opset,
-                        device=device, with_cache=with_cache, overwrite=overwrite, rest_bits=rest_bits,
-                        source=str(folder))
+    return export_model(model, out_path, _load_tokenizer(folder), source=str(folder), **options)
 
 
 def export_dense(model: nn.Module, out_path: str | os.PathLike, tokenizer=None, *, opset: int = DEFAULT_OPSET,

@@ -28,7 +28,7 @@ from torch import nn
 
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
-from hyperquant.kinds import ORT_SUPPORTED_BITS, kind_of
+from hyperquant.kinds import kind_of
 from hyperquant.kinds.dense import matmul_nbits_reason
 from hyperquant.phm.functional import phm_forward
 from hyperquant.phm.layer import PHMLinear

@@ -121,7 +121,7 @@ def read_hyperquant_config(folder: str | os.PathLike) -> dict:
                               f"formats {list(READABLE_VERSIONS)}: re-run `hyperquant compress` with this version")
     if version == 1:
         config["hyperquant"] = _upgrade_v1(section)
-    for name, spec in config["hyperquant"]["layers"].items():
+    for spec in config["hyperquant"]["layers"].values():
         kind_named(spec.get("kind", "?"))  # an unknown kind fails here, with the registered ones listed
     return config
 

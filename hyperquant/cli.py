@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 

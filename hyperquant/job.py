@@ -20,7 +20,7 @@ from torch import nn
 
 from hyperquant.config import CompressConfig
 from hyperquant.errors import HyperquantError
-from hyperquant.plan import plan_label, plan_from_dict
+from hyperquant.plan import plan_from_dict, plan_label
 
 log = logging.getLogger(__name__)
 

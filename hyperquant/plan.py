@@ -49,7 +49,7 @@ def plan_label(plan: Plan) -> str:
     differ from it."""
     if not plan:
         return "no layers"
-    labels = [kind_of_entry(e).label(e) for e in plan.values()]
+    labels = [kind_of_entry(e).describe(e).label for e in plan.values()]
     common = max(dict.fromkeys(labels), key=labels.count)
     others = len(labels) - labels.count(common)
     return common + (f" ({others} layers differ)" if others else "")
@@ -60,7 +60,7 @@ def config_label(cfg: CompressConfig) -> str:
     entry = cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
     if cfg.layers and len(cfg.layers) == 1 and next(iter(cfg.layers)) in (".*", ""):
         entry = next(iter(cfg.layers.values()))
-    label = kind_of_entry(entry).label(entry)
+    label = kind_of_entry(entry).describe(entry).label
     varies = bool(cfg.layer_bases) or any(p not in (".*", "") for p in cfg.layers)
     return label + (" (per-layer settings)" if varies else "")
 
@@ -70,4 +70,4 @@ def config_slug(cfg: CompressConfig) -> str:
     entry = cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
     if len(cfg.layers) == 1 and next(iter(cfg.layers)) in (".*", ""):
         entry = next(iter(cfg.layers.values()))
-    return kind_of_entry(entry).slug(entry)
+    return kind_of_entry(entry).describe(entry).slug

@@ -23,10 +23,9 @@ import torch
 from hyperquant.evals.ort_latency import interleaved_latency, run_pass, session_options
 from hyperquant.exporters import OnnxCausalLM, export_checkpoint, export_dense, export_ort_rtn
 
-import hyperquant
 from hyperquant import CompressConfig
-from hyperquant.job import Evaluation, compress_to_folder
 from hyperquant.data import calibration_ids, eval_tokens
+from hyperquant.job import Evaluation, compress_to_folder
 from hyperquant.models import default_model_source, load_model
 
 BASELINE = "dense_ort_rtn4"

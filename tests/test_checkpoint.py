@@ -41,9 +41,9 @@ def test_round_trip_logits_are_identical(name, tmp_path):
     assert len(layers) == 6 and "quantization_config" not in config
     plan = config["hyperquant"]["plan"]
     assert sorted(plan) == sorted(layers)
-    for name, spec in layers.items():
-        assert spec["kind"] == plan[name]["kind"] == cfg.entry_for(name).kind
-        assert spec["bits"] == plan[name].get("bits") == getattr(cfg.entry_for(name), "bits", None)
+    for layer, spec in layers.items():
+        assert spec["kind"] == plan[layer]["kind"] == cfg.entry_for(layer).kind
+        assert spec["bits"] == plan[layer].get("bits") == getattr(cfg.entry_for(layer), "bits", None)
     log = json.loads((tmp_path / "ckpt" / "quant_log.json").read_text())
     assert sorted(r["name"] for r in log) == sorted(layers)
 

@@ -16,6 +16,6 @@ __all__ = [
 ]
 
 # Importing the package registers the "fourier" layer kind.
-from hyperquant.fourier.kind import FourierKind, FourierPlan  # noqa: E402
+from hyperquant.fourier.kind import FourierKind, FourierPlan
 
 __all__ += ["FourierKind", "FourierPlan"]

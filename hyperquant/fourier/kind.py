@@ -10,7 +10,7 @@ from hyperquant.errors import ConfigError
 from hyperquant.fourier.calibration import diag_scale
 from hyperquant.fourier.module import FourierLinear
 from hyperquant.fourier.transform import fourier_lowrank, rank_for_fraction, reconstruct
-from hyperquant.kinds.base import LayerKind, PlanEntry
+from hyperquant.kinds.base import LayerKind, Names, PlanEntry
 from hyperquant.kinds.registry import register_kind
 from hyperquant.phm.projection import relative_output_error, relative_weight_error
 from hyperquant.quant.packing import SUPPORTED_BITS
@@ -67,11 +67,9 @@ class FourierKind(LayerKind):
         record["weight_error"] = relative_weight_error(weight, new.effective_weight())
         return new
 
-    def label(self, entry: FourierPlan) -> str:
-        return f"Fourier low-rank {entry.fraction:g} + PolarQuant-{entry.bits}"
-
-    def slug(self, entry: FourierPlan) -> str:
-        return f"fourier{entry.fraction:g}-{entry.bits}"
+    def describe(self, entry: FourierPlan) -> Names:
+        return Names(f"Fourier low-rank {entry.fraction:g} + PolarQuant-{entry.bits}", "Fourier + PolarQuant",
+                     f"fourier{entry.fraction:g}-{entry.bits}")
 
     def spec(self, module: FourierLinear) -> dict:
         return {"rank": module.rank, "bits": module.bits, "phase_bits": module.phase_bits,

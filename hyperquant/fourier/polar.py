@@ -43,11 +43,12 @@ class PolarQuantized:
     phase_codes: torch.Tensor  # (rows, cols) uint8
     mag_bits: int
     phase_bits: int
-    group_size: int
+    group_size: int = 128  # as FourierLinear's default
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.mag_codes.shape)
+        rows, cols = self.mag_codes.shape
+        return rows, cols
 
     def magnitude(self) -> torch.Tensor:
         """Dequantized magnitudes (rows, cols), float64."""

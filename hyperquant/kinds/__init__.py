@@ -2,7 +2,7 @@
 kind's module. Built in: dense-quant, phm-float, phm-quant, keep; the Fourier comparator
 (``hyperquant.fourier``) registers ``fourier`` itself. A new kind is one module plus ``register_kind``."""
 
-from hyperquant.kinds.base import LayerKind, LayerStats, NoExport, PlanEntry
+from hyperquant.kinds.base import LayerKind, LayerStats, Names, NoExport, PlanEntry
 from hyperquant.kinds.dense import ORT_SUPPORTED_BITS, DenseQuantKind, DenseQuantPlan
 from hyperquant.kinds.keep import KeepKind, KeepPlan
 from hyperquant.kinds.phm import PHMFloatKind, PHMFloatPlan, PHMQuantKind, PHMQuantPlan
@@ -26,6 +26,7 @@ __all__ = [
     "KeepPlan",
     "LayerKind",
     "LayerStats",
+    "Names",
     "NoExport",
     "PHMFloatPlan",
     "PHMQuantPlan",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +30,12 @@ class PlanEntry:
 
     def replace(self, **changes) -> PlanEntry:
         return dataclasses.replace(self, **changes)
+
+
+class Names(NamedTuple):
+    label: str  # "PHM n=2 B=2 GPTQ-4 g128"
+    family: str  # "PHM GPTQ"
+    slug: str  # "phm-n2b2-gptq4"
 
 
 @dataclass
@@ -76,13 +82,9 @@ class LayerKind:
         """The replacement of a dense (out, in) ``weight``; adds what it measured to ``record``."""
         raise NotImplementedError
 
-    def label(self, entry: PlanEntry) -> str:
-        """The entry's name in tables and reports."""
-        return self.name
-
-    def slug(self, entry: PlanEntry) -> str:
-        """The entry's name in a default output folder."""
-        return self.name
+    def describe(self, entry: PlanEntry) -> Names:
+        """The entry's names: in tables and reports, as a legend group, and in a default output folder."""
+        return Names(self.name, self.name, self.name)
 
     # --- checkpoint
     def spec(self, module: nn.Module) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hyperquant.kinds.base import LayerKind, LayerStats, PlanEntry
+from hyperquant.kinds.base import LayerKind, LayerStats, Names, PlanEntry
 from hyperquant.kinds.quantize import QuantFields, quantize_matrix
 from hyperquant.quant.modules import QuantLinear
 
@@ -42,11 +42,8 @@ class DenseQuantKind(LayerKind):
         hessian = stats.input_cov if stats is not None else None
         return QuantLinear.from_quantized(quantize_matrix(weight, hessian, entry, record), bias)
 
-    def label(self, entry: DenseQuantPlan) -> str:
-        return f"dense {entry.quant_label()}"
-
-    def slug(self, entry: DenseQuantPlan) -> str:
-        return f"dense-{entry.method}{entry.bits}"
+    def describe(self, entry: DenseQuantPlan) -> Names:
+        return Names(f"dense {entry.quant_label()}", f"dense {entry.method.upper()}", f"dense-{entry.method}{entry.bits}")
 
     def spec(self, module: QuantLinear) -> dict:
         return {"bits": module.bits, "group_size": module.group_size, "symmetric": module.symmetric}

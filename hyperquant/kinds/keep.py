@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hyperquant.kinds.base import LayerKind, PlanEntry
+from hyperquant.kinds.base import LayerKind, Names, PlanEntry
 
 
 @dataclass(frozen=True)
@@ -17,5 +17,5 @@ class KeepKind(LayerKind):
     entry_type = KeepPlan
     replaces_module = False
 
-    def label(self, entry: KeepPlan) -> str:
-        return "kept"
+    def describe(self, entry: KeepPlan) -> Names:
+        return Names("kept", "kept", "kept")

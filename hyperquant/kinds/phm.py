@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hyperquant.errors import ConfigError
-from hyperquant.kinds.base import LayerKind, LayerStats, PlanEntry
+from hyperquant.kinds.base import LayerKind, LayerStats, Names, PlanEntry
 from hyperquant.kinds.dense import matmul_nbits_reason
 from hyperquant.kinds.quantize import QuantFields, quantize_matrix
 from hyperquant.phm.bases import fixed_bases
@@ -102,8 +102,20 @@ def fit_phm(entry: PHMFields, weight: torch.Tensor, stats: LayerStats | None,
 
 
 class _PHMKind(LayerKind):
+    def needs_calibration(self, entry: PHMFields) -> bool:
+        # the activation-aware fit, or GPTQ on the factors (phm-quant)
+        return entry.init == "activation" or getattr(entry, "method", None) == "gptq"
+
     def check(self, entry: PHMFields, out_features, in_features) -> None:
         check_phm_shape(in_features, out_features, entry.n, entry.num_bases)
+
+    def build(self, entry, weight, bias, stats, record) -> nn.Module:
+        bases, factors = fit_phm(entry, weight, stats, record)
+        return self.from_fit(entry, bases, factors, weight.shape, bias, stats, record)
+
+    def from_fit(self, entry, bases, factors, shape, bias, stats, record) -> nn.Module:
+        """The module of fitted bases (B, n, n) and factors (B, out/n, in/n) of a dense (out, in) weight."""
+        raise NotImplementedError
 
     def macs_per_token(self, module) -> int:
         return phm_macs(module.in_features, module.out_features, module.n, module.num_bases)["total"]
@@ -114,19 +126,12 @@ class PHMFloatKind(_PHMKind):
     entry_type = PHMFloatPlan
     module_types = (PHMLinear,)
 
-    def needs_calibration(self, entry: PHMFloatPlan) -> bool:
-        return entry.init == "activation"
-
-    def build(self, entry, weight, bias, stats, record) -> nn.Module:
-        bases, factors = fit_phm(entry, weight, stats, record)
-        out_f, in_f = weight.shape
+    def from_fit(self, entry, bases, factors, shape, bias, stats, record) -> nn.Module:
+        out_f, in_f = shape
         return phm_float_module(bases, factors, in_f, out_f, bias, entry.learn_bases)
 
-    def label(self, entry: PHMFloatPlan) -> str:
-        return f"{entry.shape_label()} float"
-
-    def slug(self, entry: PHMFloatPlan) -> str:
-        return f"phm-n{entry.n}b{entry.num_bases}-float"
+    def describe(self, entry: PHMFloatPlan) -> Names:
+        return Names(f"{entry.shape_label()} float", "PHM float", f"phm-n{entry.n}b{entry.num_bases}-float")
 
     def spec(self, module: PHMLinear) -> dict:
         return {"n": module.n, "num_bases": module.num_bases, "bits": None, "learn_bases": module.learn_bases}
@@ -165,20 +170,14 @@ class PHMQuantKind(_PHMKind):
     entry_type = PHMQuantPlan
     module_types = (QuantPHMLinear,)
 
-    def needs_calibration(self, entry: PHMQuantPlan) -> bool:
-        return entry.init == "activation" or entry.method == "gptq"
-
-    def build(self, entry, weight, bias, stats, record) -> nn.Module:
-        bases, factors = fit_phm(entry, weight, stats, record)
+    def from_fit(self, entry, bases, factors, shape, bias, stats, record) -> nn.Module:
         a_cat = factors_to_cat(factors).contiguous()
-        return quantize_phm(entry, bases, a_cat, weight.shape[1], bias,
-                            stats.input_cov if stats is not None else None, record)
+        return quantize_phm(entry, bases, a_cat, shape[1], bias, stats.input_cov if stats is not None else None,
+                            record)
 
-    def label(self, entry: PHMQuantPlan) -> str:
-        return f"{entry.shape_label()} {entry.quant_label()}"
-
-    def slug(self, entry: PHMQuantPlan) -> str:
-        return f"phm-n{entry.n}b{entry.num_bases}-{entry.method}{entry.bits}"
+    def describe(self, entry: PHMQuantPlan) -> Names:
+        return Names(f"{entry.shape_label()} {entry.quant_label()}", f"PHM {entry.method.upper()}",
+                     f"phm-n{entry.n}b{entry.num_bases}-{entry.method}{entry.bits}")
 
     def spec(self, module: QuantPHMLinear) -> dict:
         return {"n": module.n, "num_bases": module.num_bases, "bits": module.bits, "group_size": module.group_size,

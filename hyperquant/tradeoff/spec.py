@@ -116,14 +116,7 @@ class PointSpec:
         """The legend group of the plots."""
         if self.compress is not None:
             entry = self.main_entry()
-            if entry.kind == "dense-quant":
-                return f"dense {entry.method.upper()}"
-            if entry.kind == "phm-quant":
-                return f"PHM {entry.method.upper()}"
-            if entry.kind == "phm-float":
-                return "PHM float"
-            return kind_of_entry(entry).label(entry).split(" ")[0] + (
-                " + PolarQuant" if entry.kind == "fourier" else "")
+            return kind_of_entry(entry).describe(entry).family
         return {"original": "dense fp32", "bnb-nf4": "bitsandbytes NF4", "gptqmodel": "GPTQModel",
                 "checkpoint": "checkpoint (trained)"}[self.method]
 

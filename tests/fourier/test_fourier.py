@@ -9,9 +9,15 @@ from safetensors import safe_open
 
 from hyperquant import CompressConfig, FourierLinear, compress, save_compressed
 from hyperquant.config import ConfigError
-from hyperquant.fourier import diag_scale, fourier_lowrank, polar_quantize, rank_for_fraction, reconstruct
+from hyperquant.fourier import (
+    FourierPlan,
+    diag_scale,
+    fourier_lowrank,
+    polar_quantize,
+    rank_for_fraction,
+    reconstruct,
+)
 from hyperquant.fourier.polar import PolarQuantized
-from hyperquant.fourier import FourierPlan
 from hyperquant.kinds import DenseQuantPlan, LayerStats
 from hyperquant.layer_compress import compress_layer
 from hyperquant.phm.projection import relative_output_error, relative_weight_error

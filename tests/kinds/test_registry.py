@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import hyperquant
 from hyperquant.cli import app
 from hyperquant.config import CompressConfig, ConfigError
-from hyperquant.kinds import LayerKind, PlanEntry, kind_of, register_kind, unregister_kind
+from hyperquant.kinds import LayerKind, Names, PlanEntry, kind_of, register_kind, unregister_kind
 from hyperquant.plan import resolve_plan
 from tests.conftest import tiny_llama
 
@@ -59,8 +59,8 @@ class RowwiseInt8Kind(LayerKind):
         record["weight_error"] = float((layer.effective_weight() - weight).norm() / weight.norm())
         return layer
 
-    def label(self, entry):
-        return f"row-wise int8 (clip {entry.clip:g})"
+    def describe(self, entry):
+        return Names(f"row-wise int8 (clip {entry.clip:g})", "row-wise int8", "rowwise-int8")
 
     def spec(self, module):
         return {}
@@ -131,6 +131,7 @@ def test_toy_kind_compresses_saves_loads_sizes_and_exports(toy_kind, tmp_path):
 
 def test_a_kind_without_export_is_refused_and_named_in_the_report(tiny_model_dir, tmp_path):
     from hyperquant.exporters import export_model
+
     from hyperquant.tradeoff.spec import SweepConfig
     from hyperquant.tradeoff.sweep import run_sweep
 
