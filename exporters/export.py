@@ -38,6 +38,7 @@ from hyperquant.errors import HyperquantError
 DEFAULT_OPSET = 21
 MIN_OPSET, MAX_OPSET = 18, 23
 REPORT_NAME = "export_report.json"
+log = logging.getLogger(__name__)
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 ORT_RTN_BLOCK_SIZES = (32, 128)
 
@@ -129,17 +130,20 @@ def _torch_export(model: nn.Module, path: Path, with_cache: bool, opset: int, ac
     input_names, output_names = io_names(model.config.num_hidden_layers, with_cache)
     with export_modules(model, dtype), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            try:
+        chatter = io.StringIO()  # the exporter prints its progress; kept for the debug log, not the terminal
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 program = torch.onnx.export(
                     wrapper, args, dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
                     dynamo=True, opset_version=opset, custom_translation_table=translation_table(accuracy_level),
                     optimize=True)
-            except Exception as e:  # the exporter's own error is many lines; keep its summary line
-                lines = str(e).splitlines() or [type(e).__name__]
-                summary = [ln for ln in lines if ln.startswith("<class")] or lines[:1]
-                raise HyperquantError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                      f"{summary[-1].strip()[:300]}") from e
+        except Exception as e:  # the exporter's own error is many lines; keep its summary line
+            lines = str(e).splitlines() or [type(e).__name__]
+            summary = [ln for ln in lines if ln.startswith("<class")] or lines[:1]
+            raise HyperquantError(f"torch.onnx.export failed for {type(model).__name__}: "
+                                  f"{summary[-1].strip()[:300]}") from e
+        finally:
+            log.debug("torch.onnx.export output:\n%s", chatter.getvalue())
     init_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                      if v.const_value is not None)
     external = init_bytes > EXTERNAL_DATA_LIMIT
@@ -171,8 +175,10 @@ def _ort_quantize(path: Path, bits: int, block_size: int, symmetric: bool, accur
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs every node at INFO
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
             quantizer.process()
+        log.debug("MatMulNBitsQuantizer output:\n%s", chatter.getvalue())
     finally:
         logger.setLevel(level)
     quantized = quantizer.model.model

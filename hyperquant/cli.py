@@ -251,8 +251,13 @@ def info(
     cc = section["compress_config"]
     out.print(f"[bold]{folder}[/]: {config.get('model_type')} ({(config.get('architectures') or ['?'])[0]}), "
               f"format {section['format_version']}, {folder_bytes(folder) / 1e6:.1f} MB on disk")
-    out.print("settings: " + ", ".join(f"{k}={cc[k]}" for k in ("bits", "method", "n", "num_bases", "group_size",
-                                                                  "init", "symmetric", "rest_dtype") if k in cc))
+    if plan:
+        from hyperquant.plan import plan_from_dict, plan_label
+
+        out.print(f"plan: {plan_label(plan_from_dict(plan))}; other weights in {cc.get('rest_dtype')}")
+    else:
+        out.print("settings: " + ", ".join(f"{k}={cc[k]}" for k in ("bits", "method", "n", "num_bases",
+                                                                      "group_size", "rest_dtype") if k in cc))
     kinds: dict[tuple, int] = {}
     for layer in layers + kept:
         shape = f"{layer['out_features']}x{layer['in_features']}" if "out_features" in layer else "-"

@@ -84,6 +84,9 @@ def test_indefinite_hessian_is_a_clear_error():
     h[0, 0] = 1.0
     with pytest.raises(HessianNotPositiveDefinite, match="calibration"):
         gptq_quantize(torch.randn(4, 32), h, bits=4, group_size=16, max_damp_tries=3)
+    from hyperquant import HyperquantError
+
+    assert issubclass(HessianNotPositiveDefinite, HyperquantError)  # the CLI reports it on one line, exit 2
 
 
 def test_dead_inputs_are_zeroed():

@@ -132,3 +132,13 @@ def test_compress_training_errors(tiny_model_dir, tmp_path):
         result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_one_recipe_whichever_command_starts_it(tmp_path):
+    """`hyperquant compress` and `hyperquant train` without a YAML file train with the same settings."""
+    from hyperquant.train.cli import load_train_config
+
+    via_compress = compress_train_config(CompressConfig(), str(tmp_path), minutes=None)
+    via_train = load_train_config(None, {"output_dir": str(tmp_path)})
+    assert via_compress == via_train
+    assert via_train.compress == CompressConfig()  # the layers: compress's own defaults
