@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,10 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         if source.gguf_file:
             model.hf_quantizer = None  # the dequantized float model saves like any other (save_pretrained)
     return model, tokenizer
+
+
+def model_identity(source: ModelSource) -> str:
+    """A string that changes when the model's files do (path, sizes and modification times)."""
+    folder = Path(source.folder)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(folder.glob("*"))
+    return json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.is_file()])

@@ -27,6 +27,7 @@ from torch import nn
 
 from hyperquant.atomic import atomic_output_dir, write_json_atomic
 from hyperquant.errors import HyperquantError
+from hyperquant.models import model_identity
 from hyperquant.tradeoff.spec import PointSpec, SweepConfig
 
 log = logging.getLogger(__name__)
@@ -241,13 +242,6 @@ def _load_context(cfg: SweepConfig, cache: Path) -> Context:
         original_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         ffn_weights=sum(linear_weight(m).numel() for m in ffn.values()),
     )
-
-
-def model_identity(source) -> str:
-    """A string that changes when the model's files do (path, sizes and modification times)."""
-    folder = Path(source.folder)
-    files = [folder / source.gguf_file] if getattr(source, "gguf_file", None) else sorted(folder.glob("*"))
-    return json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.is_file()])
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

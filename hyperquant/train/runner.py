@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hyperquant.atomic import atomic_output_dir
@@ -143,22 +145,92 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+# TrainConfig fields that only say how a run is watched or where it goes: a resume may change them.
+RUNNER_FIELDS = ("output_dir", "resume", "progress", "num_threads", "overwrite", "export", "eval_every", "save_every",
+                 "eval_tokens", "eval_context", "eval_alphas")
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     folder = output_dir / "checkpoints"
-    found = sorted(folder.glob("step-*/state.pt")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return None
+    pickled = sorted(folder.glob("step-*/state.pt"))
+    if pickled:  # never unpickled: loading a pickle runs whatever code it holds
+        raise HyperquantError(f"{pickled[-1].parent} is a training checkpoint of an older hyperquant (a pickle, "
+                              f"which is never loaded); remove {output_dir} to start the run again")
+    found = sorted(folder.glob(f"step-*/{STATE_JSON}"))
     return found[-1].parent if found else None
 
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict) -> Path:
+    """A resumable checkpoint without pickle: tensors (trained parameters, optimizer moments, RNG state) in
+    safetensors, everything else (step, schedule, history, fingerprint, optimizer hyperparameters) in JSON."""
+    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    saved = optimizer.state_dict()
+    plain: dict[str, dict] = {}
+    for index, values in saved["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    meta = {"step": step, "scheduler": scheduler.state_dict(), **extra,
+            "optimizer": {"param_groups": saved["param_groups"], "indices": sorted(saved["state"]), "plain": plain}}
     folder = output_dir / "checkpoints"
     target = folder / f"step-{step:07d}"
     with atomic_output_dir(target, overwrite=True) as tmp:
-        torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
-                   tmp / "state.pt")
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """What `save_checkpoint` wrote: {"step", "model": {name: tensor}, "optimizer": state dict,
+    "scheduler": state dict, "torch_rng": tensor, and the extra fields}."""
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, ValueError) as e:
+        raise HyperquantError(f"training checkpoint {folder} is damaged ({e}); remove it to resume from the one "
+                              f"before, or remove the run folder to start again") from None
+    optimizer_meta = meta.pop("optimizer")
+    state = {}
+    for index in optimizer_meta["indices"]:
+        prefix = f"optimizer.{index}."
+        values = dict(optimizer_meta["plain"].get(str(index), {}))
+        values.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state[int(index)] = values
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in optimizer_meta["param_groups"]]
+    return {**meta, "model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+            "optimizer": {"state": state, "param_groups": groups}, "torch_rng": tensors["rng.torch"]}
+
+
+def run_fingerprint(source, cfg: TrainConfig, train_ids: torch.Tensor) -> dict:
+    """What a resumed run must share with the one that wrote the checkpoint: the model's files, the
+    training configuration (less where it is written and how it is watched) and the training tokens."""
+    from hyperquant.models import model_identity
+
+    config = {k: v for k, v in cfg.to_dict().items() if k not in RUNNER_FIELDS}
+    data = hashlib.sha256(train_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"model": model_identity(source), "config": config, "data": data}
+
+
+def check_fingerprint(saved: dict | None, current: dict, folder: Path) -> None:
+    if saved is None:
+        raise HyperquantError(f"{folder} has no fingerprint of the run that wrote it; remove {folder.parent.parent} "
+                              f"to start again")
+    differs = [what for what in ("model", "data") if saved.get(what) != current[what]]
+    old, new = saved.get("config", {}), current["config"]
+    differs += [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if differs:
+        run = folder.parent.parent
+        raise HyperquantError(f"the interrupted training run in {run} was started with another "
+                              f"{', '.join(differs)[:300]}; run the same command again to resume it, or remove "
+                              f"{run} (or use another --out) to start a new one")
 
 
 # ----------------------------------------------------------------------------------------------- logs
@@ -274,6 +346,7 @@ class _Run:
     start_step: int
     replans: list  # fractions of the time budget still to re-plan at (None: after PLAN_AFTER_STEPS)
     capacity: CapacityPlan | None = None
+    fingerprint: dict | None = None
     first_step_end: float = 0.0
 
     @property
@@ -287,7 +360,8 @@ class _Run:
     def save(self, at_step: int) -> None:
         save_checkpoint(self.output_dir, at_step, self.model, self.optimizer, self.scheduler,
                         {"layer_bases": self.layer_bases, "history": self.history, "config": self.cfg.to_dict(),
-                         "schedule": self.cfg.schedule()})  # the schedule as re-planned at the time of saving
+                         "schedule": self.cfg.schedule(),  # as re-planned at the time of saving
+                         "fingerprint": self.fingerprint})
 
     def evaluate(self, step: int) -> dict:
         row = {"step": step, "ppl": validation_perplexity(self.model, self.eval_ids, self.cfg)}
@@ -296,9 +370,13 @@ class _Run:
         return row
 
 
-def _resume_state(cfg: TrainConfig, output_dir: Path) -> tuple[dict | None, Path | None]:
+def _resume_state(cfg: TrainConfig, output_dir: Path, fingerprint: dict) -> tuple[dict | None, Path | None]:
     ckpt = latest_checkpoint(output_dir) if cfg.resume else None
-    return (torch.load(ckpt / "state.pt", weights_only=False) if ckpt is not None else None), ckpt
+    if ckpt is None:
+        return None, None
+    state = load_checkpoint(ckpt)
+    check_fingerprint(state.get("fingerprint"), fingerprint, ckpt)
+    return state, ckpt
 
 
 def _assign_bases(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, state: dict | None, main: bool,
@@ -491,7 +569,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
-    state, ckpt = _resume_state(cfg, output_dir)
+    fingerprint = run_fingerprint(source, cfg, train_ids)
+    state, ckpt = _resume_state(cfg, output_dir, fingerprint)
     start_step = state["step"] if state else 0
     # A budgeted run re-plans its steps from their measured time; a resumed one keeps the schedule its
     # checkpoint recorded.
@@ -518,7 +597,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher, trainable=trainable,
                train_ids=train_ids, eval_ids=eval_ids, output_dir=output_dir, layer_bases=layer_bases,
                history=list(state.get("history", [])) if state else [], log=RunLog(output_dir, main, start_step),
-               start_step=start_step, replans=replans, capacity=capacity)
+               start_step=start_step, replans=replans, capacity=capacity, fingerprint=fingerprint)
 
     bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
     if start_step == 0 and main and cfg.eval_every:

@@ -10,7 +10,7 @@ import torch
 import hyperquant
 from hyperquant.config import ConfigError
 from hyperquant.train import TrainConfig, train, train_command
-from hyperquant.train.runner import global_batch_rows
+from hyperquant.train.runner import global_batch_rows, load_checkpoint
 
 BASE = {"seq_len": 32, "train_samples": 16, "per_device_batch_size": 2, "max_steps": 6, "fade_steps": 2,
         "stage_b_step": 4, "warmup_steps": 1, "init_samples": 4, "compress": {"group_size": 16}, "eval_every": 0,
@@ -18,7 +18,7 @@ BASE = {"seq_len": 32, "train_samples": 16, "per_device_batch_size": 2, "max_ste
 
 
 def _state(folder, step):
-    return torch.load(folder / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=False)["model"]
+    return load_checkpoint(folder / "checkpoints" / f"step-{step:07d}")["model"]
 
 
 def _losses(folder):
@@ -40,6 +40,36 @@ def test_config_is_validated(tmp_path):
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
     assert cfg.max_steps == 7 and cfg.compress.layer_bases == {r"layers\.0\.": 3}
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the YAML/JSON round trip
+
+
+def test_resume_refuses_another_run_and_never_unpickles(tiny_model_dir, tmp_path):
+    """A checkpoint of another model, configuration or text is not resumed; a pickle is never loaded."""
+    from hyperquant.errors import HyperquantError
+
+    cfg = TrainConfig(**BASE, output_dir=str(tmp_path / "run"))
+    train(str(tiny_model_dir), cfg, stop_after=3)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000003")
+    assert saved["step"] == 3 and saved["fingerprint"]["data"] and saved["optimizer"]["state"]
+    with pytest.raises(HyperquantError, match=r"started with another lr \(0.0005 -> 0.001\)"):
+        train(str(tiny_model_dir), cfg.replace(lr=1e-3))
+    other_text = torch.randint(0, 100, (16, 32))
+    with pytest.raises(HyperquantError, match="started with another data"):
+        train(str(tiny_model_dir), cfg, train_ids=other_text)
+    assert len(_losses(tmp_path / "run")) == 3  # nothing was trained or logged by the refused runs
+    # a state.pt that would run code when unpickled: refused by name, never opened
+    marker = tmp_path / "ran"
+    evil = tmp_path / "run" / "checkpoints" / "step-0000004"
+    evil.mkdir()
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("pwned",))
+
+    (evil / "state.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(HyperquantError, match="never loaded"):
+        train(str(tiny_model_dir), cfg)
+    assert not marker.exists()
 
 
 def test_global_batches_do_not_depend_on_the_process_split():
