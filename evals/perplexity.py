@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from hyperquant.errors import HyperquantError
+
 
 @dataclass(frozen=True)
 class PerplexityProtocol:
@@ -55,4 +57,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityPr
         if end == total:
             break
     nll = nll_sum / count
+    if math.isnan(nll):
+        raise HyperquantError("the model gives NaN log-likelihoods on the evaluation text (NaN or Inf in its "
+                              "weights or activations); its perplexity is undefined, check the model or checkpoint")
     return {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": count, **protocol.to_dict()}

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -190,10 +191,13 @@ def _ort_quantize(path: Path, bits: int, block_size: int, symmetric: bool, accur
 
 
 def _compare(a: np.ndarray, b: np.ndarray) -> dict:
-    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-    scale = float(np.abs(b).max()) or 1.0
+    """Errors of onnxruntime's logits ``a`` against torch's ``b``; a NaN or Inf on either side makes the
+    relative error infinite, so no tolerance passes it."""
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if finite else math.inf
+    scale = float(np.abs(b).max()) if finite else 1.0
     top1 = float((a[..., :].argmax(-1) == b.argmax(-1)).mean())
-    return {"max_abs": diff, "rel": diff / scale, "top1_agree": top1}
+    return {"max_abs": diff, "rel": diff / (scale or 1.0), "top1_agree": top1, "finite": finite}
 
 
 def _parity_cases(model: nn.Module, tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -329,7 +333,7 @@ def export_model(
         parity, tol = checks["final"]
         worst = max(r["rel"] for r in parity.values())
         failed = [(stage, case, r["rel"], t) for stage, (p, t) in checks.items() for case, r in p.items()
-                  if r["rel"] > t]
+                  if not r["rel"] <= t]  # NaN compares false: it fails
         report = {
             "model": source or type(model).__name__,
             "onnx": out_path.name,
@@ -353,6 +357,9 @@ def export_model(
         if failed:
             stage, case, rel, t = max(failed, key=lambda f: f[2] / f[3])
             where = f"{case}" + (" before onnxruntime's RTN" if stage == "export" else "")
+            if not math.isfinite(rel):
+                raise HyperquantError(f"ONNX export of {report['model']}: NaN or Inf in the logits on {where} "
+                                      f"(onnxruntime or torch); not written. Check the checkpoint's weights and scales")
             raise HyperquantError(
                 f"ONNX export of {report['model']} does not match torch: relative logits error {rel:.3g} on "
                 f"{where} > tolerance {t:g}; not written (try --accuracy-level 0)")

@@ -153,6 +153,10 @@ def load(folder: str | os.PathLike) -> nn.Module:
     for key, value in state.items():
         if key in expected and expected[key].is_floating_point():
             state[key] = value.to(expected[key].dtype)
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise HyperquantError(f"{folder}: tensor {bad[0]} holds NaN or Inf ({len(bad)} tensor(s) in all); the "
+                              f"checkpoint is damaged, re-create it with `hyperquant compress`")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.startswith(t) for t in tied)]

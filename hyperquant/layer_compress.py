@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from hyperquant.convert import linear_bias, linear_weight
+from hyperquant.errors import HyperquantError
 from hyperquant.kinds import LayerStats, PlanEntry, kind_of_entry
 from hyperquant.phm.projection import relative_error_to_original, relative_output_error
 
@@ -21,6 +23,10 @@ def compress_layer(name: str, module: nn.Module, entry: PlanEntry, stats: LayerS
     start = time.perf_counter()
     weight = linear_weight(module).float()
     bias = linear_bias(module)
+    for what, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise HyperquantError(f"layer {name}: its {what} holds NaN or Inf; the model is damaged, so there "
+                                  f"is nothing sound to compress (check the model file)")
     out_f, in_f = weight.shape
     record: dict = {"name": name, "in_features": in_f, "out_features": out_f, **entry.to_dict()}
     new = kind_of_entry(entry).build(entry, weight, bias, stats, record)
