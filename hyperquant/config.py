@@ -96,7 +96,6 @@ class CompressConfig:
                 return entry
         return self.default_entry(self.bases_for(module_name) if self.n > 1 else None)
 
-
     @classmethod
     def every_layer(cls, entry: PlanEntry | dict, **options) -> CompressConfig:
         """Every target layer compressed by one plan entry of any registered kind, e.g.
