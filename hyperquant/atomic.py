@@ -22,16 +22,41 @@ def _staging_dir(target: Path) -> Path:
     return tmp
 
 
+# Every folder hyperquant publishes carries this file; --overwrite replaces only such folders.
+OUTPUT_MARKER = ".hyperquant-output"
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output folder that would lose something: one that exists (without
+    ``overwrite``), one hyperquant did not write (no marker), or one that is or holds an input."""
+    out_dir = Path(out_dir)
+    for source in inputs:
+        source = Path(source).resolve()
+        if out_dir.resolve() == source or out_dir.resolve() in source.parents:
+            raise HyperquantError(f"--out {out_dir} is (or holds) the input {source}; choose another --out")
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not overwrite:
+        raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise HyperquantError(f"--out {out_dir} is not a folder; --overwrite replaces only a folder hyperquant "
+                              f"wrote, so choose another --out")
+    if not (out_dir / OUTPUT_MARKER).is_file() and any(out_dir.iterdir()):
+        raise HyperquantError(f"{out_dir} was not written by hyperquant (no {OUTPUT_MARKER}); --overwrite never "
+                              f"replaces other folders: choose another --out or remove it yourself")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``, on any error
-    (or Ctrl-C) it is removed, so no half-written output is ever left."""
+    (or Ctrl-C) it is removed, so no half-written output is ever left. An existing ``out_dir`` is
+    replaced only with ``overwrite`` and only if hyperquant wrote it (``check_output_dir``)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    check_output_dir(out_dir, overwrite)
     tmp = _staging_dir(out_dir)
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text('{"written_by": "hyperquant"}\n')
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,6 +54,11 @@ def _user_errors(command):
     return wrapper
 
 
+def _input_paths(*paths) -> tuple[Path, ...]:
+    """The user's input files and folders (an output must never be one of them or hold one)."""
+    return tuple(Path(p) for p in paths if p is not None)
+
+
 def _print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
     table = Table(*header, title=title)
     for row in rows:
@@ -110,8 +115,9 @@ def compress(
     training = train and n > 1 and method != "fourier"
     setting = config_slug(cfg) + ("-qat" if training and qat else "-trained" if training else "")
     out_dir = out_dir or Path("hyperquant-out") / setting
-    if out_dir.exists() and not overwrite:
-        _fail(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    from hyperquant.atomic import check_output_dir
+
+    check_output_dir(out_dir, overwrite, _input_paths(model, calib_text))
     tcfg = None
     if training:
         from hyperquant.train.compress import work_dir_for
@@ -342,8 +348,9 @@ def report(
         cfg = default_sweep(_int_list(bits or "4", "--bits"), _int_list(n or "2,4", "--n"),
                             _int_list(bases or "2", "--bases"), group_size or 128,
                             fourier is not False, baselines is not False, model=model, **measure)
-    if out_dir.exists() and not overwrite:
-        _fail(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    from hyperquant.atomic import check_output_dir
+
+    check_output_dir(out_dir, overwrite, _input_paths(cfg.model, config))
     if cfg.model is not None:
         from hyperquant.models import resolve_source
 

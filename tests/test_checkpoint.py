@@ -70,8 +70,14 @@ def test_existing_output_is_never_overwritten_silently(tmp_path):
     with pytest.raises(HyperquantError, match="--overwrite"):
         save_compressed(model, target)
     assert (target / "keep.txt").read_text() == "mine"
-    save_compressed(model, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    # --overwrite replaces only a folder hyperquant wrote: the user's folder survives that too
+    with pytest.raises(HyperquantError, match="not written by hyperquant"):
+        save_compressed(model, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"] and len(list(tmp_path.iterdir())) == 1
+    published = save_compressed(model, tmp_path / "ours")
+    assert (published / ".hyperquant-output").is_file()
+    save_compressed(model, published, overwrite=True)  # our own output is replaced
+    assert (published / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ours"]
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path):

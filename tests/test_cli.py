@@ -51,6 +51,28 @@ def test_compress_eval_info(tiny_model_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["hyperquant"]["compress_config"]["n"] == 1
 
 
+def test_overwrite_never_touches_the_input_or_a_users_folder(tiny_model_dir, tmp_path):
+    """--overwrite replaces only hyperquant's own outputs; these are refused before the model is loaded."""
+    def listing(folder):
+        return sorted((p.relative_to(folder), p.stat().st_size) for p in folder.rglob("*"))
+
+    before = listing(tiny_model_dir)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me too")
+    cases = [(["compress", tiny_model_dir, "--out", tiny_model_dir, "--overwrite"], "is (or holds) the input"),
+             (["compress", tiny_model_dir, "--out", tiny_model_dir.parent, "--overwrite"], "is (or holds) the input"),
+             (["compress", tiny_model_dir, "--out", mine, "--overwrite"], "not written by hyperquant"),
+             (["compress", tiny_model_dir, "--out", a_file, "--overwrite"], "is not a folder"),
+             (["report", tiny_model_dir, "--out", mine, "--overwrite", "--no-latency"], "not written by hyperquant")]
+    for args, message in cases:
+        assert_one_line_error(run(*args, *FAST) if args[0] == "compress" else run(*args), message)
+    assert listing(tiny_model_dir) == before
+    assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from hyperquant.atomic import atomic_output_dir, write_json_atomic
+from hyperquant.atomic import atomic_output_dir, check_output_dir, write_json_atomic
 from hyperquant.errors import HyperquantError
 from hyperquant.models import model_identity
 from hyperquant.tradeoff.spec import PointSpec, SweepConfig
@@ -251,8 +251,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
     from hyperquant.tradeoff.render import write_report
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise HyperquantError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
+    check_output_dir(out_dir, overwrite)
     cache = Path(cache_dir) if cache_dir else out_dir.parent / f".{out_dir.name}.cache"
     (cache / "points").mkdir(parents=True, exist_ok=True)
     ctx = _load_context(cfg, cache)
