@@ -102,14 +102,32 @@ class CompressConfig:
         ``CompressConfig.every_layer(FourierPlan(fraction=0.25), rest_dtype="float32")``."""
         return cls(**{"n": 1, "bits": None, **options, "layers": {ALL_LAYERS: entry}})
 
+    def _covering_entry(self) -> PlanEntry | None:
+        """The first ``layers`` entry whose pattern matches every name, if any: the flat fields then
+        reach no layer that an earlier pattern does not already take."""
+        return next((e for p, e in self.layers.items() if p in (ALL_LAYERS, "")), None)
+
+    def main_entry(self) -> PlanEntry:
+        """The entry most targets get, known without a model: a covering ``layers`` entry, else the
+        flat fields' default (what labels, folder names and report families are made from)."""
+        return self._covering_entry() or self.default_entry()
+
+    @property
+    def varies_by_layer(self) -> bool:
+        return bool(self.layer_bases) or any(p not in (ALL_LAYERS, "") for p in self.layers)
+
     @property
     def needs_calibration(self) -> bool:
         """Whether the entries this config can give need calibration data (without a model at hand)."""
         from hyperquant.kinds import kind_of_entry
 
-        covers_all = [e for p, e in self.layers.items() if p in (ALL_LAYERS, "")]
-        entries = covers_all[:1] or [self.default_entry(), *self.layers.values(),
-                                     *(self.default_entry(b) for b in self.layer_bases.values())]
+        entries: list[PlanEntry] = []
+        for pattern, entry in self.layers.items():  # first match wins: nothing after a covering pattern applies
+            entries.append(entry)
+            if pattern in (ALL_LAYERS, ""):
+                break
+        else:
+            entries += [self.default_entry(), *(self.default_entry(b) for b in self.layer_bases.values())]
         return any(kind_of_entry(e).needs_calibration(e) for e in entries)
 
     def to_dict(self) -> dict:

@@ -57,17 +57,11 @@ def plan_label(plan: Plan) -> str:
 
 def config_label(cfg: CompressConfig) -> str:
     """The label of a config without a model: its default entry, marked when layers vary."""
-    entry = cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
-    if cfg.layers and len(cfg.layers) == 1 and next(iter(cfg.layers)) in (".*", ""):
-        entry = next(iter(cfg.layers.values()))
-    label = kind_of_entry(entry).describe(entry).label
-    varies = bool(cfg.layer_bases) or any(p not in (".*", "") for p in cfg.layers)
-    return label + (" (per-layer settings)" if varies else "")
+    entry = cfg.main_entry()
+    return kind_of_entry(entry).describe(entry).label + (" (per-layer settings)" if cfg.varies_by_layer else "")
 
 
 def config_slug(cfg: CompressConfig) -> str:
     """A folder name for a config's output: phm-n2b2-gptq4, dense-rtn4, fourier0.25-4, ..."""
-    entry = cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
-    if len(cfg.layers) == 1 and next(iter(cfg.layers)) in (".*", ""):
-        entry = next(iter(cfg.layers.values()))
+    entry = cfg.main_entry()
     return kind_of_entry(entry).describe(entry).slug

@@ -73,9 +73,7 @@ class PointSpec:
         return _FAMILY_OF_KIND.get(entry.kind, entry.kind)
 
     def main_entry(self):
-        cfg = self.compress
-        covers_all = [e for p, e in cfg.layers.items() if p in (".*", "")]
-        return covers_all[0] if covers_all else cfg.default_entry(cfg.num_bases if cfg.n > 1 else None)
+        return self.compress.main_entry()
 
     def compress_config(self, calib_samples: int = 32, calib_seq_len: int = 512) -> CompressConfig:
         """The `hyperquant.compress` configuration of a compress point, calibrated as the sweep says."""
