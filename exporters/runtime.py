@@ -37,6 +37,21 @@ def make_session(path: str | os.PathLike, device: str = "cpu", options=None):
     return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
 
 
+def _cache_dims(shape, path_or_session) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the cache inputs; onnxruntime-genai's builder leaves head_dim symbolic
+    ('kv_cache_dim'), so it is then read from the genai_config.json beside the model."""
+    if isinstance(shape[1], int) and isinstance(shape[3], int):
+        return shape[1], shape[3]
+    config = Path(str(path_or_session)).with_name("genai_config.json")
+    if not config.is_file():
+        raise HyperquantError(f"the cache inputs of this ONNX model have symbolic sizes {shape} and there is no "
+                              f"genai_config.json beside it to read them from")
+    import json
+
+    decoder = json.loads(config.read_text())["model"]["decoder"]
+    return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+
+
 class OnnxCausalLM:
     """An exported causal LM (with or without KV cache) behind a small step API."""
 
@@ -52,7 +67,7 @@ class OnnxCausalLM:
         self.num_layers = len(self.past_names) // 2
         if self.with_cache:
             shape = inputs["past_key_values.0.key"].shape  # (batch, kv_heads, past, head_dim)
-            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+            self.kv_heads, self.head_dim = _cache_dims(shape, path_or_session)
             self.past_dtype = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
@@ -71,6 +86,18 @@ class OnnxCausalLM:
         by_name = dict(zip([o.name for o in self.session.get_outputs()], outputs))
         next_past = {p: by_name[p.replace("past_key_values.", "present.")] for p in self.past_names}
         return logits, next_past
+
+    def __call__(self, input_ids, attention_mask=None, use_cache: bool = False):
+        """transformers-style call on torch tensors (no cache): ``.logits``, so that the torch evaluators
+        (evals.perplexity) run the exported model with the same protocol."""
+        from types import SimpleNamespace
+
+        import torch
+
+        ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        logits, _ = self.step(ids, mask)
+        return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
 def generate_ids(lm: OnnxCausalLM, input_ids, max_new_tokens: int = 32, eos_token_id=None) -> list[int]:
@@ -109,3 +136,21 @@ def generate(onnx_model, tokenizer, prompt: str, max_new_tokens: int = 32, devic
     prompt_ids = tokenizer(prompt, return_tensors="np")["input_ids"][0]
     new = generate_ids(lm, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def genai_generate_ids(folder: str | os.PathLike, prompt_ids, max_new_tokens: int = 32) -> list[int]:
+    """Greedy decoding of one prompt (token ids) by onnxruntime-genai's Generator on an exported folder
+    (`hyperquant export DIR --out FOLDER`); returns the new token ids."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise HyperquantError("onnxruntime-genai is not installed: pip install 'hyperquant[genai]'") from e
+    prompt = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]

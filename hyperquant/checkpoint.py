@@ -57,11 +57,19 @@ def _upgrade_v1(section: dict) -> dict:
     return {**section, "layers": layers, "format_version": FORMAT_VERSION, "upgraded_from": 1}
 
 
+def _sharing_modules(model: nn.Module) -> dict[str, str]:
+    """{module name: name of the module whose tensors it shares} (a tied table that is the LM head's codes)."""
+    return {name: m.shares for name, m in model.named_modules() if getattr(m, "shares", None)}
+
+
 def _state_to_save(model: nn.Module, rest_dtype: torch.dtype, compressed: set[str]) -> dict[str, torch.Tensor]:
     """The persistent state, each tied tensor once, uncompressed float weights cast to ``rest_dtype``."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    sharing = _sharing_modules(model)
     for name, tensor in model.state_dict().items():
+        if name.rpartition(".")[0] in sharing:  # stored under the module it shares with
+            continue
         if tensor.data_ptr() in seen:  # tied (e.g. lm_head = embed_tokens): rebuilt by tie_weights()
             continue
         seen.add(tensor.data_ptr())
@@ -159,7 +167,14 @@ def load(folder: str | os.PathLike) -> nn.Module:
                               f"checkpoint is damaged, re-create it with `hyperquant compress`")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not any(k.startswith(t) for t in tied)]
+    sharing = _sharing_modules(model)
+    missing = [k for k in missing if k not in tied and not any(k.startswith(t) for t in tied)
+               and k.rpartition(".")[0] not in sharing]
+    for name, shares in sharing.items():
+        if shares not in section["layers"]:
+            raise HyperquantError(f"{folder}: layer {name} shares the codes of {shares}, which the checkpoint does "
+                                  f"not hold; the checkpoint is damaged, re-create it with `hyperquant compress`")
+        model.get_submodule(name).share_codes(model.get_submodule(shares), shares)
     if missing or unexpected:
         raise HyperquantError(f"{folder}: the weights do not match the config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); the checkpoint is from another version or damaged")

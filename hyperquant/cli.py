@@ -16,7 +16,8 @@ from rich.table import Table
 from hyperquant.errors import HyperquantError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Compress transformer FFNs into PHM layers with low-bit factors; evaluate and inspect them.")
+                  help="Compress transformer models (PHM FFNs with low-bit factors, GPTQ everywhere else), evaluate "
+                       "them and deploy them to onnxruntime / onnxruntime-genai.")
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs and pipes
 log = logging.getLogger("hyperquant.cli")
@@ -59,6 +60,10 @@ def _input_paths(*paths) -> tuple[Path, ...]:
     return tuple(Path(p) for p in paths if p is not None)
 
 
+# --keep PART: the module-name pattern it leaves alone (the embedding is set through embed_bits)
+KEEPABLE = {"attention": r"\.(self_attn|attn|attention)\.", "head": r"^(lm_head|embed_out)$", "embedding": ""}
+
+
 def _print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
     table = Table(*header, title=title)
     for row in rows:
@@ -83,6 +88,11 @@ def compress(
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence")] = 512,
     calib_text: Annotated[Path | None, typer.Option(help="UTF-8 text file for calibration (default: the embedded Wikipedia text)")] = None,
     rest_dtype: Annotated[str, typer.Option(help="Storage dtype of the weights left uncompressed")] = "float16",
+    scope: Annotated[str, typer.Option(help="model: the FFN as set, attention and the LM head with the dense quantizer "
+                                            "of --bits, the embedding table RTN (--embed-bits); ffn: the FFN only")] = "model",
+    embed_bits: Annotated[str, typer.Option(help="Bits of the embedding table (RTN; a tied model shares the LM head's "
+                                                 "codes when equal to --bits), or none to keep it")] = "4",
+    keep: Annotated[str, typer.Option(help="Comma-separated parts to leave uncompressed: attention, head, embedding")] = "",
     fourier_fraction: Annotated[float, typer.Option(help="--method fourier: fraction of each layer's parameters the factors keep")] = 0.25,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 4096,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
@@ -92,7 +102,8 @@ def compress(
     qat: Annotated[bool, typer.Option(help="Train with fake-quantized factors (QAT) from 60 % of the steps; export on the QAT grid")] = False,
     train_config: Annotated[Path | None, typer.Option(help="YAML of TrainConfig fields that override the training recipe (see docs/training.md)")] = None,
 ) -> None:
-    """Compress the FFN layers of MODEL and write a checkpoint folder with a report.
+    """Compress MODEL (the FFN as PHM with low-bit factors, attention, LM head and embeddings quantized)
+    and write a checkpoint folder with a report.
 
     PHM layers (n >= 2) are trained by distillation from the dense model for --train-minutes, then
     quantized; --no-train gives the post-training result in a few minutes."""
@@ -107,9 +118,21 @@ def compress(
                              layers={".*": {"kind": "fourier", "fraction": fourier_fraction, "bits": bits,
                                             "group_size": group_size}})
     else:
+        kept = [part.strip() for part in keep.split(",") if part.strip()]
+        unknown = sorted(set(kept) - set(KEEPABLE))
+        if unknown:
+            _fail(f"--keep {unknown[0]}: choose from {', '.join(KEEPABLE)} (comma-separated)")
+        layers = {KEEPABLE[part]: {"kind": "keep"} for part in kept if part != "embedding"}
+        if embed_bits.lower() in ("none", "") or "embedding" in kept:
+            table_bits = None
+        elif embed_bits.isdigit():
+            table_bits = int(embed_bits)
+        else:
+            _fail(f"--embed-bits takes a bit width (2, 4, 8) or none, not {embed_bits!r}")
         cfg = CompressConfig(bits=bits, method=method, n=n, num_bases=bases, group_size=group_size, init=init,
                              learn_bases=learn_bases, symmetric=symmetric, act_order=act_order,
-                             calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype)
+                             calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
+                             scope=scope, embed_bits=table_bits, layers=layers)
     if eval_tokens < 0:
         _fail("--eval-tokens must be >= 0")
     training = train and n > 1 and method != "fourier"
@@ -278,18 +301,28 @@ def info(
 @_user_errors
 def export(
     folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder (from `hyperquant compress`)")],
-    out_path: Annotated[Path, typer.Option("--out", help="Output .onnx file")] = Path("model.onnx"),
-    accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level 0-4 (4 = int8 activations, fastest on CPU)")] = 0,
+    out_path: Annotated[Path, typer.Option("--out", help="Output folder (onnxruntime-genai: fused graph, genai_config.json, "
+                                                          "tokenizer), or a .onnx file (traced graph, any architecture)")] = Path("hyperquant-onnx"),
+    accuracy_level: Annotated[int | None, typer.Option(help="MatMulNBits accuracy_level 0-4 (4 = int8 activations, "
+                                                            "fastest on CPU; default 4 on cpu, 0 on cuda)")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18-23)")] = 21,
     device: Annotated[str, typer.Option(help="cpu or cuda (needs onnxruntime-gpu)")] = "cpu",
     cache: Annotated[bool, typer.Option(help="Export with past_key_values inputs and present.* outputs")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output")] = False,
 ) -> None:
-    """Export a checkpoint to ONNX (PHM layers as hyperquant-domain nodes), checked against torch."""
-    from hyperquant.exporters import export_command
+    """Export a checkpoint to ONNX (PHM layers as hyperquant-domain nodes), checked against torch: an
+    onnxruntime-genai folder with the fused graph, or with --out FILE.onnx one traced graph."""
+    from hyperquant.exporters import export_command, export_folder_command
 
-    export_command(folder, str(out_path), accuracy_level=accuracy_level, opset=opset, device=device,
-                   no_cache=not cache, overwrite=overwrite)
+    level = accuracy_level if accuracy_level is not None else (4 if device == "cpu" else 0)
+    if out_path.suffix == ".onnx":
+        export_command(folder, str(out_path), accuracy_level=level, opset=opset, device=device,
+                       no_cache=not cache, overwrite=overwrite)
+        return
+    if device != "cpu" or not cache:
+        _fail("the onnxruntime-genai folder is written for --device cpu with the KV cache; for other settings "
+              "export one traced file with --out model.onnx")
+    export_folder_command(folder, str(out_path), accuracy_level=level, overwrite=overwrite)
 
 
 @app.command()

@@ -7,9 +7,20 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from hyperquant.errors import ConfigError, from_known_fields
-from hyperquant.kinds import DenseQuantPlan, KeepPlan, PHMFloatPlan, PHMQuantPlan, PlanEntry, entry_from_dict
+from hyperquant.kinds import (
+    DenseQuantPlan,
+    EmbedQuantPlan,
+    KeepPlan,
+    PHMFloatPlan,
+    PHMQuantPlan,
+    PlanEntry,
+    entry_from_dict,
+)
 
 REST_DTYPES = ("float32", "float16", "bfloat16")
+# "model": the FFN as the flat fields say, plus the attention projections and the LM head with the dense
+# quantizer of the same bits, and the embedding table with RTN; "ffn": the FFN linears only.
+SCOPES = ("model", "ffn")
 ALL_LAYERS = ".*"  # the ``layers`` pattern that matches every target
 # The fields that describe the built-in dense/PHM entry every target gets unless ``layers`` says otherwise.
 _QUANT_FIELDS = ("bits", "method", "group_size", "symmetric", "act_order", "damp")
@@ -49,13 +60,25 @@ class CompressConfig:
     calib_samples: int = 32
     calib_seq_len: int = 512
     true_sequential: bool = True  # re-collect inputs after each group of layers that share an input
-    target_patterns: list[str] | None = None  # regexes on module names; None = the architecture's FFN
+    target_patterns: list[str] | None = None  # regexes on module names; None = as ``scope`` says
+    scope: str = "model"
+    # Bits of the embedding table in scope "model" (RTN, group_size; None keeps it in rest_dtype). Unused
+    # when bits is None (a float setting keeps every weight but the FFN in float).
+    embed_bits: int | None = 4
+    # A tied model (embedding = LM head) whose head is quantized with embed_bits: the table is the head's
+    # codes, stored once (as onnxruntime-genai's builder does), instead of its own RTN codes.
+    share_tied_embedding: bool = True
     min_features: int = 0  # skip linears whose smaller side is below this
     rest_dtype: str = "float16"  # storage dtype of the weights hyperquant does not compress
 
     def __post_init__(self) -> None:
         if self.rest_dtype not in REST_DTYPES:
             raise ConfigError(f"rest_dtype={self.rest_dtype!r} is not supported; use one of {list(REST_DTYPES)}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope={self.scope!r} is not supported; use one of {list(SCOPES)} "
+                              f"(model: every linear and the embeddings; ffn: the FFN only)")
+        if self.embed_bits is not None:
+            EmbedQuantPlan(bits=self.embed_bits, group_size=self.group_size, symmetric=self.symmetric)
         if not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"n={self.n} must be an integer >= 1 (1 = keep the layer dense)")
         if self.n == 1 and self.bits is None and not self.layers:
@@ -83,17 +106,33 @@ class CompressConfig:
             phm["num_bases"] = num_bases
         return PHMFloatPlan(**phm) if self.bits is None else PHMQuantPlan(**phm, **quant)
 
+    def rest_entries(self) -> dict[str, PlanEntry | None]:
+        """What scope "model" gives the layers outside the FFN: {"attention": entry, "head": entry,
+        "embedding": entry}, None where the layer stays as it is (scope "ffn", or a float setting)."""
+        if self.scope == "ffn" or self.bits is None:
+            return {"attention": None, "head": None, "embedding": None}
+        dense = DenseQuantPlan(**{k: getattr(self, k) for k in _QUANT_FIELDS})
+        embedding = None if self.embed_bits is None else EmbedQuantPlan(
+            bits=self.embed_bits, group_size=self.group_size, symmetric=self.symmetric)
+        return {"attention": dense, "head": dense, "embedding": embedding}
+
     def bases_for(self, module_name: str) -> int:
         for pattern, b in self.layer_bases.items():
             if re.search(pattern, module_name):
                 return b
         return self.num_bases
 
-    def entry_for(self, module_name: str) -> PlanEntry:
-        """The plan entry of one target: the first matching ``layers`` pattern, else the flat fields."""
+    def entry_for(self, module_name: str, part: str = "ffn") -> PlanEntry | None:
+        """The plan entry of one target: the first matching ``layers`` pattern, else the flat fields (an
+        FFN layer) or ``rest_entries()[part]`` (attention, head, embedding: None leaves it alone). A
+        pattern that matches every name (``".*"``) covers the FFN only."""
         for pattern, entry in self.layers.items():
+            if part != "ffn" and pattern in (ALL_LAYERS, ""):
+                continue
             if re.search(pattern, module_name):
                 return entry
+        if part != "ffn":
+            return self.rest_entries()[part]
         return self.default_entry(self.bases_for(module_name) if self.n > 1 else None)
 
     @classmethod
@@ -128,6 +167,8 @@ class CompressConfig:
                 break
         else:
             entries += [self.default_entry(), *(self.default_entry(b) for b in self.layer_bases.values())]
+        if self.target_patterns is None:
+            entries += [e for e in self.rest_entries().values() if e is not None]
         return any(kind_of_entry(e).needs_calibration(e) for e in entries)
 
     def to_dict(self) -> dict:

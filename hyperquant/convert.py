@@ -20,6 +20,20 @@ FFN_PATTERNS: dict[str, str] = {
     "gpt_neox": r"\.mlp\.(dense_h_to_4h|dense_4h_to_h)$",
 }
 
+# The attention projections and the LM head: compressed with the dense quantizer in scope "model".
+_LLAMA_ATTN = r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$"
+ATTENTION_PATTERNS: dict[str, str] = {
+    **{t: _LLAMA_ATTN for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")},
+    "phi3": r"\.self_attn\.(qkv_proj|o_proj)$",
+    "gpt2": r"\.attn\.(c_attn|c_proj)$",
+    "opt": r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+    "bert": r"\.attention\.(self\.query|self\.key|self\.value|output\.dense)$",
+    "roberta": r"\.attention\.(self\.query|self\.key|self\.value|output\.dense)$",
+    "gpt_neox": r"\.attention\.(query_key_value|dense)$",
+}
+HEAD_PATTERNS: dict[str, str] = {"gpt_neox": r"^embed_out$"}
+DEFAULT_HEAD_PATTERN = r"^lm_head$"
+
 
 def is_conv1d(module: nn.Module) -> bool:
     # GPT-2's Conv1D stores its weight as (in, out); recognized by name to avoid importing its module.
@@ -89,3 +103,31 @@ def block_index(name: str) -> tuple[str, int]:
     if m is None:
         raise HyperquantError(f"module {name!r} is not inside a list of transformer blocks")
     return m.group(1), int(m.group(2))
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def find_attention_and_head(model: nn.Module, min_features: int = 0) -> dict[str, nn.Module]:
+    """Name -> module for the attention projections and the LM head of a known architecture (empty for
+    an unknown one), in module order."""
+    model_type = model_type_of(model)
+    if model_type not in ATTENTION_PATTERNS:
+        return {}
+    regexes = [re.compile(ATTENTION_PATTERNS[model_type]), re.compile(HEAD_PATTERNS.get(model_type, DEFAULT_HEAD_PATTERN))]
+    found = {}
+    for name, module in model.named_modules():
+        if _is_linear(module) and any(r.search("." + name) or r.search(name) for r in regexes) \
+                and min(linear_weight(module).shape) >= min_features:
+            found[name] = module
+    return found
+
+
+def input_embedding_name(model: nn.Module) -> str | None:
+    """The module name of the token embedding table (``model.embed_tokens``, ``transformer.wte``, ...)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embed = getter() if getter is not None else None
+    if not isinstance(embed, nn.Embedding):
+        return None
+    return next((name for name, module in model.named_modules() if module is embed), None)

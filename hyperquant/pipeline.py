@@ -19,7 +19,7 @@ from torch import nn
 from hyperquant.config import CompressConfig
 from hyperquant.convert import block_index, linear_weight, set_module
 from hyperquant.errors import HyperquantError
-from hyperquant.kinds import LayerStats, kind_of_entry
+from hyperquant.kinds import LayerStats, kind_of, kind_of_entry
 from hyperquant.layer_compress import compress_layer
 from hyperquant.plan import Plan, plan_needs_calibration, plan_to_dict, resolve_plan
 
@@ -232,12 +232,15 @@ def compress(
         else:
             task = bar.add_task("compressing layers", total=len(targets)) if bar else None
             for name, module in targets.items():
-                new, record = compress_layer(name, module, work[name], None)
+                new, record = _build_layer(model, name, module, work[name], None)
                 set_module(model, name, new)
                 log.append(record)
                 if bar:
                     bar.advance(task)
-    round_rest(model, set(targets), config.rest_dtype)
+    # modules compressed before this call (training's FFN) keep their tensors as they are, too
+    already = {name for name, module in model.named_modules() if kind_of(module) is not None}
+    round_rest(model, set(targets) | already, config.rest_dtype)
+    _untie_compressed(model, set(targets))
     model.config.hyperquant = {
         "format_version": FORMAT_VERSION,
         "compress_config": config.to_dict(),
@@ -246,6 +249,21 @@ def compress(
     }
     model.hyperquant_log = log
     return model
+
+
+def _untie_compressed(model: nn.Module, compressed: set[str]) -> None:
+    """A tied embedding / LM head pair of which one side was replaced is no longer tied: say so in the
+    config, so that `load` (and transformers' tie_weights) leaves each side its own weights."""
+    from hyperquant.convert import input_embedding_name
+
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    embed = input_embedding_name(model) or ""
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    head = next((name for name, module in model.named_modules() if output is not None and module is output), "")
+    if embed in compressed or head in compressed or output is None:
+        config.tie_word_embeddings = False
 
 
 @contextlib.contextmanager
@@ -260,22 +278,113 @@ def _progress(enabled: bool):
         yield bar
 
 
-def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_sequential: bool) -> None:
+def _split_by_block(targets) -> tuple[str | None, dict[int, list[str]], list[str]]:
+    """(block list name, {block index: targets in it}, targets outside any block, e.g. the LM head)."""
     by_block: dict[int, list[str]] = {}
+    tail: list[str] = []
     list_name = None
     for name in targets:
-        list_name_i, idx = block_index(name)
+        try:
+            list_name_i, idx = block_index(name)
+        except HyperquantError:
+            tail.append(name)
+            continue
         if list_name not in (None, list_name_i):
             raise HyperquantError(f"target layers lie in two block lists ({list_name}, {list_name_i})")
         list_name = list_name_i
         by_block.setdefault(idx, []).append(name)
+    return list_name, by_block, tail
+
+
+def _compress_tail(model, targets, names: list[str], plan: Plan, batches, log, bar, layer_task) -> None:
+    """Targets after the blocks (the LM head): calibrated on the whole, already compressed model, so
+    they see the errors of every block before them."""
+    shared: dict = {}
+    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared) for name in names}
+    handles = [targets[n].register_forward_pre_hook(stats[n]) for n in names]
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if output is not None and any(targets[n] is output for n in names):
+        def stop(_module, _args):  # the head is the last layer: its inputs are all we need, not the logits
+            raise _StopForward
+
+        handles.append(output.register_forward_pre_hook(stop))
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                _call_model(model, batch)
+            shared.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    _replace_calibrated(model, targets, names, plan, stats, None, log, bar, layer_task)
+
+
+def _replace_calibrated(model, targets, names, plan: Plan, stats: dict, block: int | None, log, bar,
+                        layer_task) -> None:
+    """Compress each of ``names`` from its collected input statistics and put it in place."""
+    for name in names:
+        if stats[name].tokens == 0:
+            raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
+        new, record = _build_layer(model, name, targets[name], plan[name], stats[name].layer_stats())
+        record["block"], record["calib_tokens"] = block, stats[name].tokens
+        set_module(model, name, new)
+        log.append(record)
+        if bar:
+            bar.update(layer_task, advance=1, description=f"quantizing {name}")
+
+
+def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_sequential: bool) -> None:
+    list_name, by_block, tail = _split_by_block(targets)
+    layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
+    # Outside the blocks, what needs no calibration (an embedding table of its own) goes first, so that
+    # the blocks calibrate on the embeddings the compressed model will have; a table that is the LM
+    # head's codes goes last, after the head.
+    built_from_head = [n for n in tail if _shares_head(plan[n])]
+    first = [n for n in tail if n not in built_from_head and not kind_of_entry(plan[n]).needs_calibration(plan[n])]
+    tail = [n for n in tail if n not in built_from_head and n not in first]
+
+    def without_calibration(names):
+        for name in names:
+            new_module, record = _build_layer(model, name, targets[name], plan[name], None)
+            set_module(model, name, new_module)
+            log.append(record)
+            if bar:
+                bar.update(layer_task, advance=1, description=f"quantizing {name}")
+
+    without_calibration(first)
+    if by_block:
+        _compress_blocks(model, targets, plan, batches, log, bar, true_sequential, list_name, by_block, layer_task)
+    if tail:
+        _compress_tail(model, targets, tail, plan, batches, log, bar, layer_task)
+    without_calibration(built_from_head)
+
+
+def _shares_head(entry) -> bool:
+    return getattr(entry, "share_head", False)
+
+
+def _build_layer(model: nn.Module, name: str, module: nn.Module, entry, stats):
+    """compress_layer, except for a table built from the already compressed LM head (a tied model)."""
+    if not _shares_head(entry):
+        return compress_layer(name, module, entry, stats)
+    start = time.perf_counter()
+    output = model.get_output_embeddings()
+    head_name = next(n for n, m in model.named_modules() if m is output)
+    record = {"name": name, "in_features": module.weight.shape[1], "out_features": module.weight.shape[0],
+              **entry.to_dict()}
+    new = kind_of_entry(entry).build_shared(module.weight.detach().float(), output, head_name, record)
+    record["time_s"] = time.perf_counter() - start
+    return new, record
+
+
+def _compress_blocks(model, targets, plan: Plan, batches, log, bar, true_sequential: bool, list_name: str,
+                     by_block: dict[int, list[str]], layer_task) -> None:
     blocks = model.get_submodule(list_name)
     inputs = _capture_block_inputs(model, blocks[0], batches)
     fits_original = any(getattr(entry, "fits_original_outputs", False) for entry in plan.values())
     original_inputs = inputs if fits_original else None
     last = max(by_block)
     block_task = bar.add_task("calibrating blocks", total=last + 1) if bar else None
-    layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
     for idx in range(last + 1):
         block = blocks[idx]
         pending = list(by_block.get(idx, []))
@@ -301,15 +410,7 @@ def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_seq
             finally:
                 for h in handles:
                     h.remove()
-            for name in group:
-                if stats[name].tokens == 0:
-                    raise HyperquantError(f"layer {name} saw no calibration tokens; check the model's forward")
-                new, record = compress_layer(name, targets[name], plan[name], stats[name].layer_stats())
-                record["block"], record["calib_tokens"] = idx, stats[name].tokens
-                set_module(model, name, new)
-                log.append(record)
-                if bar:
-                    bar.update(layer_task, advance=1, description=f"quantizing {name}")
+            _replace_calibrated(model, targets, group, plan, stats, idx, log, bar, layer_task)
         if idx < last:
             inputs = _run_block(block, inputs)
         if bar:

@@ -25,18 +25,19 @@ from hyperquant.job import Evaluation, compress_and_measure, measure
 from hyperquant.models import load_model, resolve_source
 from hyperquant.report import fmt_ppl, human_bytes, markdown_table
 
+FFN = {"scope": "ffn"}  # the FFN study: what PHM and the quantizers do to the FFN, the rest left in fp16
 SETTINGS: dict[str, CompressConfig | None] = {
     "dense fp32": None,
-    "dense RTN-4": CompressConfig(bits=4, n=1, method="rtn"),
-    "dense GPTQ-4": CompressConfig(bits=4, n=1, method="gptq"),
-    "PHM n2 B2 fp32, Frobenius projection": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius"),
-    "PHM n2 B2 fp32, activation-aware": CompressConfig(bits=None, n=2, num_bases=2, init="activation"),
-    "PHM n2 B2 + RTN-4": CompressConfig(bits=4, n=2, num_bases=2, method="rtn"),
-    "PHM n2 B2 + GPTQ-4": CompressConfig(bits=4, n=2, num_bases=2, method="gptq"),
+    "dense RTN-4": CompressConfig(bits=4, n=1, method="rtn", **FFN),
+    "dense GPTQ-4": CompressConfig(bits=4, n=1, method="gptq", **FFN),
+    "PHM n2 B2 fp32, Frobenius projection": CompressConfig(bits=None, n=2, num_bases=2, init="frobenius", **FFN),
+    "PHM n2 B2 fp32, activation-aware": CompressConfig(bits=None, n=2, num_bases=2, init="activation", **FFN),
+    "PHM n2 B2 + RTN-4": CompressConfig(bits=4, n=2, num_bases=2, method="rtn", **FFN),
+    "PHM n2 B2 + GPTQ-4": CompressConfig(bits=4, n=2, num_bases=2, method="gptq", **FFN),
     "PHM n2 B2 + GPTQ-4, fit to original outputs": CompressConfig(bits=4, n=2, num_bases=2, method="gptq",
-                                                                   fit_target="original"),
-    "PHM n4 B2 + GPTQ-4": CompressConfig(bits=4, n=4, num_bases=2, method="gptq"),
-}
+                                                                   fit_target="original", **FFN),
+    "PHM n4 B2 + GPTQ-4": CompressConfig(bits=4, n=4, num_bases=2, method="gptq", **FFN),
+}  # the whole model (the default scope) is measured by scripts/bench_onnx.py, deployed
 COLUMNS = ["setting", "total bytes", "FFN bytes", "bits/FFN weight", "MACs/token (FFN)", "perplexity",
            "compress s"]
 
@@ -53,8 +54,8 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> str:
     (out / "bench_compress.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     notes = (f"Model: {meta['model']}. Calibration: {meta['calibration']} of the Wikipedia calibration split. "
              f"Perplexity: {protocol['num_tokens']} held-out tokens, context {protocol['context']}, stride "
-             f"{protocol['stride']}. Group size {meta['group_size']}; non-FFN weights stored in float16 for every "
-             f"compressed row (fp32 in the first); float PHM factors in fp32. MACs/token: all linear layers "
+             f"{protocol['stride']}. Group size {meta['group_size']}; FFN only (scope ffn): non-FFN weights stored "
+             f"in float16 for every compressed row (fp32 in the first); float PHM factors in fp32. MACs/token: all linear layers "
              f"(FFN only in parentheses), PHM counting its input mixing. {meta['torch_threads']} torch "
              f"threads.\n\nCommand: `{meta['command']}`\n")
     (out / "bench_compress.md").write_text("# bench_compress\n\n" + table + "\n\n" + notes)

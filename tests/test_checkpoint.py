@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -35,15 +36,26 @@ def test_round_trip_logits_are_identical(name, tmp_path):
     loaded = load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     layers = config["hyperquant"]["layers"]
-    assert len(layers) == 6 and "quantization_config" not in config
+    ffn = [name for name in layers if ".mlp." in name]
+    assert len(ffn) == 6 and "quantization_config" not in config
+    if cfg.bits is None or "fourier" in name:  # float settings keep all but the FFN: still tied
+        assert len(layers) == 6
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    else:  # the whole model: attention and head dense-quant, the table the head's codes when alike
+        assert len(layers) == 6 + 8 + 2 and layers["lm_head"]["kind"] == "dense-quant"
+        shares = layers["model.embed_tokens"].get("shares")
+        assert shares == ("lm_head" if cfg.bits == cfg.embed_bits else None)
+        assert (loaded.model.embed_tokens.qweight is loaded.lm_head.qweight) == (shares is not None)
     plan = config["hyperquant"]["plan"]
     assert sorted(plan) == sorted(layers)
     for layer, spec in layers.items():
-        assert spec["kind"] == plan[layer]["kind"] == cfg.entry_for(layer).kind
-        assert spec["bits"] == plan[layer].get("bits") == getattr(cfg.entry_for(layer), "bits", None)
+        assert spec["kind"] == plan[layer]["kind"]
+        assert spec["bits"] == plan[layer].get("bits")
+    for layer in ffn:
+        assert plan[layer]["kind"] == cfg.entry_for(layer).kind
+        assert plan[layer].get("bits") == getattr(cfg.entry_for(layer), "bits", None)
     log = json.loads((tmp_path / "ckpt" / "quant_log.json").read_text())
     assert sorted(r["name"] for r in log) == sorted(layers)
 
@@ -129,7 +141,8 @@ def _as_format_1(folder):
 @pytest.mark.parametrize("name", ["dense-gptq4", "phm-gptq3", "phm-float", "fourier-4"])
 def test_format_1_checkpoints_still_load(name, tmp_path):
     ids = torch.randint(0, 128, (2, 16))
-    model = compress(tiny_llama(), CONFIGS[name], ids, progress=False)
+    cfg = dataclasses.replace(CONFIGS[name], scope="ffn")  # format 1 compressed the FFN only
+    model = compress(tiny_llama(), cfg, ids, progress=False)
     with torch.no_grad():
         expected = model(ids).logits
     save_compressed(model, tmp_path / "ckpt")

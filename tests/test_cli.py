@@ -126,3 +126,35 @@ def test_export_command(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["max_rel_error"] <= report["tolerance"]
     assert_one_line_error(run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache"), "exists")
+
+
+def test_compress_scope_keep_and_embedding_flags(tiny_model_dir, tmp_path):
+    out = tmp_path / "whole"
+    result = run("compress", tiny_model_dir, "--n", "1", "--method", "rtn", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "config.json").read_text())["hyperquant"]["plan"]
+    kinds = {name: entry["kind"] for name, entry in plan.items()}
+    assert kinds["lm_head"] == "dense-quant" and kinds["model.layers.0.self_attn.q_proj"] == "dense-quant"
+    assert plan["model.embed_tokens"] == {**plan["model.embed_tokens"], "kind": "embed-quant", "share_head": True}
+
+    kept = tmp_path / "kept"
+    result = run("compress", tiny_model_dir, "--n", "1", "--method", "rtn", "--out", kept, "--keep", "attention,head",
+                 "--embed-bits", "8", *FAST)
+    assert result.exit_code == 0, result.output
+    plan = json.loads((kept / "config.json").read_text())["hyperquant"]["plan"]
+    assert plan["lm_head"]["kind"] == "keep"
+    assert all(entry["kind"] == "keep" for name, entry in plan.items() if "self_attn" in name)
+    assert plan["model.embed_tokens"]["bits"] == 8 and not plan["model.embed_tokens"]["share_head"]
+
+    ffn = tmp_path / "ffn"
+    result = run("compress", tiny_model_dir, "--n", "1", "--method", "rtn", "--out", ffn, "--scope", "ffn", *FAST)
+    assert result.exit_code == 0, result.output
+    assert all(".mlp." in name for name in json.loads((ffn / "config.json").read_text())["hyperquant"]["plan"])
+
+    assert_one_line_error(run("compress", tiny_model_dir, "--keep", "mlp", "--out", tmp_path / "x", *FAST),
+                          "--keep mlp: choose from attention, head, embedding")
+    assert_one_line_error(run("compress", tiny_model_dir, "--embed-bits", "four", "--out", tmp_path / "x", *FAST),
+                          "--embed-bits")
+    assert_one_line_error(run("compress", tiny_model_dir, "--scope", "all", "--out", tmp_path / "x", *FAST),
+                          "scope='all'")
+    assert not (tmp_path / "x").exists()

@@ -122,3 +122,54 @@ class QuantPHMLinear(_PackedWeightMixin):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, "
                 f"num_bases={self.num_bases}, bits={self.bits}, group_size={self.group_size}")
+
+
+class QuantEmbedding(_PackedWeightMixin):
+    """nn.Embedding with a group-wise quantized table (num_embeddings, embedding_dim): rows are tokens,
+    groups run along the embedding, the layout onnxruntime's GatherBlockQuantized reads (quantize_axis 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 symmetric: bool = False, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        # what every compressed module carries (the checkpoint's spec): in = width, out = vocabulary
+        self.in_features, self.out_features, self.bias = embedding_dim, num_embeddings, None
+        self.shares: str | None = None  # the LM head whose codes this table is (a tied model), if any
+        self._init_packed(num_embeddings, embedding_dim, bits, group_size, symmetric)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, padding_idx: int | None = None) -> QuantEmbedding:
+        rows, cols = qw.shape
+        layer = cls(rows, cols, qw.bits, qw.group_size, qw.symmetric, padding_idx)
+        layer._set_packed(qw)
+        return layer
+
+    @classmethod
+    def sharing(cls, head: QuantLinear, head_name: str) -> QuantEmbedding:
+        """The table of a tied model whose LM head is ``head``: the same codes, scales and zero points (one
+        copy in the checkpoint and the ONNX graph, as onnxruntime-genai's builder shares them)."""
+        layer = cls(head.out_features, head.in_features, head.bits, head.group_size, head.symmetric)
+        layer.share_codes(head, head_name)
+        return layer
+
+    def share_codes(self, head: QuantLinear, head_name: str) -> None:
+        if (head.out_features, head.in_features, head.bits, head.group_size, head.symmetric) != \
+                (self.num_embeddings, self.embedding_dim, self.bits, self.group_size, self.symmetric):
+            raise ValueError(f"{head_name} ({head.extra_repr()}) cannot share its codes with this table ({self.extra_repr()})")
+        self.qweight, self.scales = head.qweight, head.scales  # registered buffers: same tensors as the head's
+        if not self.symmetric:
+            self.qzeros = head.qzeros
+        self.shares = head_name
+        self._dequantized = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.dequantized(torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (what transformers' code reads as ``embed_tokens.weight``)."""
+        return self.dequantized(torch.float32)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}" + (f", shares={self.shares}" if self.shares else ""))

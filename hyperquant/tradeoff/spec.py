@@ -20,7 +20,7 @@ from hyperquant.quant.packing import SUPPORTED_BITS
 
 BASELINE_METHODS = ("bnb-nf4", "gptqmodel")
 QUANTIZERS = ("rtn", "gptq")
-SWEEP_VERSION = 2  # bump when the measurement itself changes, to invalidate cached points
+SWEEP_VERSION = 3  # bump when the measurement itself changes (3: whole-model points, fused-graph latency)
 # The calibration fields a sweep sets for every point (SweepConfig.calib_samples / calib_seq_len).
 _SWEEP_CALIB = ("calib_samples", "calib_seq_len")
 _FAMILY_OF_KIND = {"dense-quant": "dense", "phm-float": "phm", "phm-quant": "phm"}

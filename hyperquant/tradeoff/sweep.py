@@ -118,11 +118,25 @@ def original_hf_folder(ctx: Context) -> Path:
 
 
 def _export_onnx(spec: PointSpec, ctx: Context, model: nn.Module, folder: Path | None, onnx_path: Path) -> dict:
-    from hyperquant.exporters import export_checkpoint, export_dense
+    """The point's deployment export: the fused onnxruntime-genai folder where the architecture has one
+    (what `hyperquant export DIR --out FOLDER` writes), else one traced file. Returns the report with
+    ``file_bytes`` = the model's bytes on disk."""
+    from hyperquant.exporters import export_checkpoint, export_dense, export_genai_folder, fused_reason
 
+    source = copy.deepcopy(model) if spec.method == "original" else None
+    if fused_reason(model) is None:
+        tokens_from = original_hf_folder(ctx) if spec.method == "original" else folder
+        if source is None:
+            from hyperquant.checkpoint import load
+
+            source = load(folder)
+        report = export_genai_folder(source, onnx_path.parent, ctx.tokenizer, tokens_from,
+                                     accuracy_level=ctx.cfg.accuracy_level, overwrite=True)
+        return {**report, "file_bytes": report["model_bytes"], "graph": "fused"}
     if spec.method == "original":
-        return export_dense(copy.deepcopy(model), onnx_path, ctx.tokenizer, overwrite=True)
-    return export_checkpoint(folder, onnx_path, accuracy_level=ctx.cfg.accuracy_level, overwrite=True)
+        return {**export_dense(source, onnx_path, ctx.tokenizer, overwrite=True), "graph": "traced"}
+    return {**export_checkpoint(folder, onnx_path, accuracy_level=ctx.cfg.accuracy_level, overwrite=True),
+            "graph": "traced"}
 
 
 def point_family(spec: PointSpec) -> str:
@@ -212,7 +226,7 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
         except HyperquantError as e:  # e.g. parity at accuracy_level 4 on 2-bit weights: keep the rest
             no_latency = f"ONNX export failed: {e}"
         else:
-            onnx = {"path": str(onnx_path), "file_bytes": report["file_bytes"],
+            onnx = {"path": str(onnx_path), "file_bytes": report["file_bytes"], "graph": report["graph"],
                     "parity_rel": report["max_rel_error"], "export_seconds": report["export_seconds"]}
     if spec.method != "checkpoint" and not ctx.cfg.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -307,8 +321,10 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
                      "latency": (f"onnxruntime CPU, {cfg.latency_threads} threads, batch 1, prefill "
                                  f"{cfg.prompt_tokens} tokens then {cfg.decode_tokens} decode steps with the KV "
                                  f"cache, median of {cfg.latency_rounds} interleaved rounds, MatMulNBits "
-                                 f"accuracy_level {cfg.accuracy_level}; only the compressed FFN layers are "
-                                 "MatMulNBits, attention and LM head fp32") if cfg.latency else "not measured",
+                                 f"accuracy_level {cfg.accuracy_level}; the fused graph of `hyperquant export "
+                                 "DIR --out FOLDER` (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
+                                 "MatMulNBits for every quantized linear) where the architecture has one, else "
+                                 "the traced graph") if cfg.latency else "not measured",
                      "bits_per_weight": "8 x bytes of the weight files / parameters of the original model; FFN: "
                                         "bytes of the stored FFN tensors (codes, scales, zero points, bases) / "
                                         "weights of the dense FFN linears"},

@@ -12,6 +12,7 @@ from torch import nn
 from hyperquant.config import CompressConfig
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
+from hyperquant.kinds import kind_of_entry
 from hyperquant.kinds.phm import phm_float_module, quantize_phm
 from hyperquant.linalg import quadratic_form
 from hyperquant.pipeline import FORMAT_VERSION, input_covariances, round_rest
@@ -52,6 +53,22 @@ def compress_config_for(cfg: TrainConfig, model: nn.Module) -> CompressConfig:
                                calib_seq_len=cfg.seq_len)
 
 
+def _compress_rest(model: nn.Module, ccfg, calib_ids) -> dict:
+    """What the compress config gives the layers training does not touch (attention, the LM head, the
+    embedding table), compressed by the same pipeline as `hyperquant compress`, on the trained model."""
+    from hyperquant.pipeline import compress
+    from hyperquant.plan import resolve_plan
+
+    rest = resolve_plan(model, ccfg, parts=("attention", "head", "embedding"))
+    if not rest:
+        return {}
+    if calib_ids is None and any(kind_of_entry(e).needs_calibration(e) for e in rest.values()):
+        raise HyperquantError("compressing attention and the LM head with GPTQ needs calibration tokens; pass "
+                              "calib_ids to finalize (or set compress.scope: ffn)")
+    compress(model, ccfg, calib_ids, progress=False, plan=rest)
+    return {"plan": rest, "log": model.hyperquant_log}
+
+
 def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: dict | None = None) -> nn.Module:
     """In place: merge LoRA, drop dense branches, replace every interpolated layer by its quantized PHM
     layer (or float PHMLinear when bits is None), and set ``model.config.hyperquant`` like `compress`."""
@@ -76,6 +93,9 @@ def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: 
     round_rest(model, set(layers), cfg.compress.rest_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
+    rest = _compress_rest(model, ccfg, calib_ids)  # attention, LM head, embeddings (scope "model")
+    plan.update(rest.get("plan", {}))
+    log += rest.get("log", [])
     model.config.hyperquant = {
         "format_version": FORMAT_VERSION,
         "compress_config": ccfg.to_dict(),

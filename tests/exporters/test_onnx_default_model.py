@@ -46,3 +46,28 @@ def test_default_model_phm4_export_generates_like_torch(tmp_path):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert generate(tmp_path / "onnx" / "model.onnx", tokenizer, prompt, max_new_tokens=12) == expected
+
+
+@pytest.mark.slow
+def test_default_model_genai_folder_generates_like_torch(tmp_path):
+    """The whole default model (every linear RTN-4, the tied table the head's codes) as an
+    onnxruntime-genai folder: its Generator gives torch's greedy tokens at accuracy level 0."""
+    pytest.importorskip("onnxruntime_genai")
+    from hyperquant.exporters import export_checkpoint_folder, genai_generate_ids
+
+    from hyperquant.models import default_model_source, load_model
+
+    model, tokenizer = load_model(default_model_source())
+    hyperquant.compress(model, CompressConfig(bits=4, n=1, method="rtn"), progress=False)
+    folder = hyperquant.save_compressed(model, tmp_path / "ckpt", tokenizer)
+    report = export_checkpoint_folder(folder, tmp_path / "deploy", accuracy_level=0)
+    ops = report["op_counts"]
+    assert ops["GroupQueryAttention"] == 30 and ops["MatMulNBits"] == 30 * 5 + 1 and report["nodes"] < 400
+    assert report["max_rel_error"] < 1e-4 and report["judged_on"] == ["real_decode", "real_prefill"]
+
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    expected = out[0, ids.shape[1]:].tolist()
+    produced = genai_generate_ids(tmp_path / "deploy", ids[0], 16)
+    assert produced[: len(expected)] == expected  # torch stops at EOS; genai may too

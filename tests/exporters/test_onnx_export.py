@@ -45,7 +45,8 @@ def test_export_writes_model_and_report(exported_phm4):
     assert saved["passed"] and saved == json.loads(json.dumps(report))
     assert set(saved["parity"]) == {"random_prefill", "random_decode"}
     assert saved["max_rel_error"] < 1e-4
-    assert saved["nodes"] == {"PHMMatMulNBits": 6}  # gate, up, down in 2 blocks
+    # gate, up, down in 2 blocks; q, k, v, o and the LM head (the whole model is compressed)
+    assert saved["nodes"] == {"PHMMatMulNBits": 6, "MatMulNBits": 9}
     model = onnx.load(str(out))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"] + [
         f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
@@ -99,7 +100,7 @@ def test_batched_left_padding_matches_torch(exported_phm4, phm4_checkpoint):
 def test_dense_gptq_exports_as_matmul_nbits(tmp_path, make_checkpoint):
     dense = make_checkpoint(tmp_path / "dense8", bits=8, n=1, method="gptq")
     report = export_checkpoint(dense, tmp_path / "d" / "model.onnx", with_cache=False)
-    assert report["nodes"] == {"MatMulNBits": 6} and report["passed"]
+    assert report["nodes"] == {"MatMulNBits": 6 + 8 + 1} and report["passed"]
 
 
 def test_float_phm_exports_as_phm_linear(tmp_path, make_checkpoint):

@@ -99,10 +99,10 @@ def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
+@pytest.mark.parametrize(("method", "scope"), [("rtn", "ffn"), ("gptq", "model")])
+def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method, scope):
     cfg = TrainConfig(**{**BASE, "export": True, "save_every": 0,
-                         "compress": {"group_size": 16, "method": method, "rest_dtype": "float32"}},
+                         "compress": {"group_size": 16, "method": method, "rest_dtype": "float32", "scope": scope}},
                       qat_start_step=3, output_dir=str(tmp_path / "run"), lora_r=2)
     summary = train(str(tiny_model_dir), cfg)
     loaded = hyperquant.load(summary["final_dir"])
@@ -110,7 +110,11 @@ def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
     assert section["compress_config"]["bits"] == 4 and section["train_config"]["max_steps"] == 6
     mlp = loaded.model.layers[0].mlp
     assert isinstance(mlp.up_proj, hyperquant.QuantPHMLinear) and mlp.up_proj.bits == 4
-    assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # LoRA merged
+    if scope == "model":  # LoRA merged into q/k/v, then the rest quantized like `hyperquant compress`
+        assert type(loaded.model.layers[0].self_attn.q_proj) is hyperquant.QuantLinear
+        assert loaded.model.embed_tokens.shares == "lm_head" and section["plan"]["lm_head"]["method"] == method
+    else:
+        assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # LoRA merged
     from hyperquant.evals import PerplexityProtocol, perplexity
     from transformers import AutoTokenizer
 
@@ -119,7 +123,7 @@ def test_export_is_a_hyperquant_checkpoint(tiny_model_dir, tmp_path, method):
     ev = eval_tokens(AutoTokenizer.from_pretrained(tiny_model_dir), 128)
     ppl = perplexity(loaded, ev, PerplexityProtocol(context=64, stride=64, num_tokens=128))["perplexity"]
     assert ppl == pytest.approx(summary["exported_ppl"], rel=1e-5)
-    if method == "rtn":  # the QAT forward is exactly the exported quantized model
+    if scope == "ffn":  # the QAT forward is exactly the exported quantized model
         assert summary["eval"][-1]["ppl"]["1"] == pytest.approx(summary["exported_ppl"], rel=1e-4)
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,stage,mean_alpha") and len(rows) == 7
