@@ -36,6 +36,7 @@ from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FUSED_OPSET = 21
+GATHER_BITS = (4, 8)  # GatherBlockQuantized's uint8 codes (MatMulNBits' layout)
 
 
 def fused_reason(model: nn.Module) -> str | None:
@@ -54,6 +55,12 @@ def fused_reason(model: nn.Module) -> str | None:
     if window is not None and getattr(config, "use_sliding_window", True) \
             and window < config.max_position_embeddings:
         return f"sliding_window={window} is not in the fused graph; export with --out model.onnx"
+    from hyperquant.quant.modules import QuantEmbedding
+
+    embed = model.get_input_embeddings()
+    if isinstance(embed, QuantEmbedding) and embed.bits not in GATHER_BITS:
+        return (f"the embedding table has {embed.bits}-bit codes; onnxruntime's GatherBlockQuantized reads "
+                f"{' or '.join(map(str, GATHER_BITS))} bits (compress with --embed-bits 4), or export with --out model.onnx")
     for name, module in model.named_modules():
         if name.endswith(("_proj", "lm_head")) and not isinstance(module, _LINEAR_TYPES):
             return (f"layer {name} is a {type(module).__name__}, which the fused graph has no node for; "
@@ -92,8 +99,16 @@ class _Graph:
         return outs
 
 
-def _np(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
-    return t.detach().cpu().to(torch.float32 if dtype == np.float32 else t.dtype).numpy().astype(dtype, copy=False)
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A float tensor as fp32 (fp16 scales widen exactly: MatMulNBits wants scales in the input's type)."""
+    return t.detach().cpu().float().numpy()
+
+
+def _stacked_bias(modules: list[nn.Module]) -> np.ndarray | None:
+    if all(m.bias is None for m in modules):
+        return None
+    return np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
+                           for m in modules])
 
 
 def _packable(modules: list[nn.Module]) -> bool:
@@ -113,10 +128,9 @@ class _Emitter:
         """One MatMulNBits over the stacked rows of ``modules`` (all quantized alike)."""
         g, first = self.g, modules[0]
         inputs = [x, *_codes(g, name, modules)]
-        if any(m.bias is not None for m in modules):
-            bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
-                                   for m in modules])
-            inputs += ["", g.tensor(f"{name}.bias", bias)]
+        bias = _stacked_bias(modules)
+        if bias is not None:
+            inputs += ["", g.tensor(f"{name}.bias", bias)]  # after the absent g_idx
         rows = sum(m.q_rows for m in modules)
         return g.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, K=first.q_cols, N=rows,
                       bits=first.bits, block_size=first.group_size, accuracy_level=self.accuracy_level)[0]
@@ -125,9 +139,8 @@ class _Emitter:
         g = self.g
         weight = np.concatenate([_np(m.weight) for m in modules]).T
         out = g.node("MatMul", [x, g.tensor(f"{name}.weight_t", weight)], f"{name}/MatMul")[0]
-        if any(m.bias is not None for m in modules):
-            bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
-                                   for m in modules])
+        bias = _stacked_bias(modules)
+        if bias is not None:
             out = g.node("Add", [out, g.tensor(f"{name}.bias", bias)], f"{name}/Add")[0]
         return out
 

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 # n=2 B=2), so 0.15 leaves room for other models (the traced export allowed 0.25). Top-1 agreement is reported, not judged: it fell to 0.76 on the near-flat logits of the
 # post-training PHM model. What level 4 costs in perplexity the benchmark measures through onnxruntime.
 FOLDER_TOLERANCE = {0: 1e-3, 1: 1e-3, 2: 3e-2, 3: 3e-2, 4: 0.15}
-FOLDER_TOP1 = {0: 0.99, 1: 0.99, 2: 0.0, 3: 0.0, 4: 0.0}
 
 
 def genai_available() -> bool:
@@ -160,7 +159,6 @@ def export_genai_folder(
         finite = all(r["finite"] for r in parity.values())  # NaN or Inf anywhere fails
         worst = max(r["rel"] for r in judged.values()) if finite else math.inf
         agree = min(r["top1_agree"] for r in judged.values())
-        min_agree = FOLDER_TOP1[accuracy_level] if tolerance is None else 0.0
         report = {
             "model": source or type(model).__name__,
             "format": "onnxruntime-genai folder (fused graph)",
@@ -175,8 +173,7 @@ def export_genai_folder(
             "max_rel_error": worst,
             "tolerance": tol,
             "min_top1_agree": agree,
-            "top1_required": min_agree,
-            "passed": worst <= tol and agree >= min_agree,
+            "passed": worst <= tol,  # NaN compares false
             "export_seconds": round(export_seconds, 1),
             "versions": _versions(),
         }
@@ -187,8 +184,8 @@ def export_genai_folder(
         if not report["passed"]:
             case = max(judged, key=lambda c: judged[c]["rel"])
             raise HyperquantError(f"ONNX export of {report['model']} does not match torch on {case}: relative logits "
-                                  f"error {worst:.3g} (tolerance {tol:g}), top-1 agreement {agree:.2f} (needs "
-                                  f"{min_agree:g}) at accuracy level {accuracy_level}; not written (try --accuracy-level 0)")
+                                  f"error {worst:.3g} > tolerance {tol:g} at accuracy level {accuracy_level} (top-1 "
+                                  f"agreement {agree:.2f}); not written (try --accuracy-level 0)")
     if not has_config:
         log.warning("onnxruntime-genai is not installed, so %s has no %s (pip install 'hyperquant[genai]'); "
                     "plain onnxruntime runs it", out, GENAI_CONFIG)

@@ -50,6 +50,7 @@ CASES = {
     "padded-shared-table": ({"hidden": 96, "heads": 2, "kv": 1}, CompressConfig(bits=4, n=2, group_size=64,
                                                                                calib_seq_len=16)),
     "own-table-8bit-attn": ({}, CompressConfig(bits=8, n=2, group_size=16, embed_bits=4, calib_seq_len=16)),
+    "table-8bit": ({}, CompressConfig(bits=4, n=1, method="rtn", group_size=16, embed_bits=8)),
     "qwen2-qkv-bias-sym": ({"model_type": "qwen2"}, CompressConfig(bits=4, n=1, group_size=16, symmetric=True,
                                                                      calib_seq_len=16)),
 }
@@ -126,6 +127,10 @@ def test_unsupported_models_are_named():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     assert "--out model.onnx" in fused_reason(gpt2)
     assert "multiple of 16" in fused_reason(_llama(hidden=96, heads=4, kv=2))  # head_dim 24
+    two_bit_table = _llama()
+    hyperquant.compress(two_bit_table, CompressConfig(bits=4, n=1, method="rtn", group_size=16, embed_bits=2),
+                        progress=False)
+    assert "GatherBlockQuantized reads 4 or 8 bits" in fused_reason(two_bit_table)
     with pytest.raises(ValueError, match="gpt2"):
         build_fused_graph(gpt2)
 
