@@ -108,7 +108,8 @@ def test_sweep_measures_every_point(tiny_sweep):
     assert points["dense fp32 (original)"]["metrics"]["decode_ms"] > 0
     assert points["Fourier low-rank 0.5 + PolarQuant-4"]["metrics"]["decode_ms"] is None
     assert "Fourier" in points["Fourier low-rank 0.5 + PolarQuant-4"]["no_latency_reason"]
-    assert len(points["PHM n=2 B=2 GPTQ-4 g16"]["layers"]) == 6
+    layers = points["PHM n=2 B=2 GPTQ-4 g16"]["layers"]  # the whole model: 6 FFN, 8 attention, head, table
+    assert len(layers) == 16 and sum(".mlp." in layer["name"] for layer in layers) == 6
     for name in ("report.md", "report.html", "points.json", "frontier_bytes.png", "frontier_latency.png",
                  "layer_errors.png"):
         assert (root / "report" / name).is_file(), name
