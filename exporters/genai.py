@@ -67,10 +67,7 @@ def _hf_config_folder(model: nn.Module, tokenizer_folder: Path | None, into: Pat
     config["architectures"] = [type(model).__name__]
     into.mkdir(parents=True, exist_ok=True)
     (into / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer_folder is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_folder / name).is_file():
-                shutil.copy2(tokenizer_folder / name, into / name)
+    _copy_tokenizer(tokenizer_folder, into)
     return into
 
 
@@ -99,6 +96,13 @@ def write_genai_config(model: nn.Module, tokenizer_folder: Path | None, out: Pat
             if path.name != GENAI_CONFIG and path.is_file():
                 shutil.copy2(path, out / path.name)
     return True
+
+
+def _check_tokenizer_folder(tokenizer_folder: Path | None) -> None:
+    if genai_available() and not (tokenizer_folder is not None and (tokenizer_folder / "tokenizer_config.json").is_file()):
+        raise HyperquantError("an onnxruntime-genai folder needs the model's tokenizer files (tokenizer.json, "
+                              "tokenizer_config.json); save the checkpoint with its tokenizer "
+                              "(save_compressed(model, dir, tokenizer)) or pass tokenizer_folder")
 
 
 def _copy_tokenizer(tokenizer_folder: Path | None, out: Path) -> None:
@@ -139,10 +143,7 @@ def export_genai_folder(
     out = Path(out)
     check_output_dir(out, overwrite, inputs)
     tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder is not None else None
-    if genai_available() and not (tokenizer_folder is not None and (tokenizer_folder / "tokenizer_config.json").is_file()):
-        raise HyperquantError("an onnxruntime-genai folder needs the model's tokenizer files (tokenizer.json, "
-                              "tokenizer_config.json); save the checkpoint with its tokenizer "
-                              "(save_compressed(model, dir, tokenizer)) or pass tokenizer_folder")
+    _check_tokenizer_folder(tokenizer_folder)
     _to_float32(model)
     tol = FOLDER_TOLERANCE[accuracy_level] if tolerance is None else tolerance
     started = time.perf_counter()
@@ -201,6 +202,7 @@ def export_checkpoint_folder(folder: str | os.PathLike, out: str | os.PathLike, 
     folder = Path(folder)
     read_hyperquant_config(folder)
     check_output_dir(Path(out), options.get("overwrite", False), (folder,))
+    _check_tokenizer_folder(folder)  # before the model is loaded
     model = load(folder)
     return export_genai_folder(model, out, _load_tokenizer(folder), folder, source=str(folder),
                                inputs=(folder,), **options)

@@ -131,3 +131,12 @@ def input_embedding_name(model: nn.Module) -> str | None:
     if not isinstance(embed, nn.Embedding):
         return None
     return next((name for name, module in model.named_modules() if module is embed), None)
+
+
+def output_embedding_name(model: nn.Module) -> str | None:
+    """The module name of the LM head (``lm_head``, ``embed_out``, ...), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)

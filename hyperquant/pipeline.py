@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from hyperquant.config import CompressConfig
-from hyperquant.convert import block_index, linear_weight, set_module
+from hyperquant.convert import (
+    block_index,
+    input_embedding_name,
+    linear_weight,
+    output_embedding_name,
+    set_module,
+)
 from hyperquant.errors import HyperquantError
 from hyperquant.kinds import LayerStats, kind_of, kind_of_entry
 from hyperquant.layer_compress import compress_layer
@@ -254,15 +260,11 @@ def compress(
 def _untie_compressed(model: nn.Module, compressed: set[str]) -> None:
     """A tied embedding / LM head pair of which one side was replaced is no longer tied: say so in the
     config, so that `load` (and transformers' tie_weights) leaves each side its own weights."""
-    from hyperquant.convert import input_embedding_name
-
     config = getattr(model, "config", None)
     if not getattr(config, "tie_word_embeddings", False):
         return
-    embed = input_embedding_name(model) or ""
-    output = getattr(model, "get_output_embeddings", lambda: None)()
-    head = next((name for name, module in model.named_modules() if output is not None and module is output), "")
-    if embed in compressed or head in compressed or output is None:
+    embed, head = input_embedding_name(model), output_embedding_name(model)
+    if head is None or embed in compressed or head in compressed:
         config.tie_word_embeddings = False
 
 
@@ -368,8 +370,8 @@ def _build_layer(model: nn.Module, name: str, module: nn.Module, entry, stats):
     if not _shares_head(entry):
         return compress_layer(name, module, entry, stats)
     start = time.perf_counter()
-    output = model.get_output_embeddings()
-    head_name = next(n for n, m in model.named_modules() if m is output)
+    head_name = output_embedding_name(model)
+    output = model.get_submodule(head_name)
     record = {"name": name, "in_features": module.weight.shape[1], "out_features": module.weight.shape[0],
               **entry.to_dict()}
     new = kind_of_entry(entry).build_shared(module.weight.detach().float(), output, head_name, record)

@@ -18,6 +18,7 @@ from hyperquant.convert import (
     find_ffn_linears,
     input_embedding_name,
     linear_weight,
+    output_embedding_name,
 )
 from hyperquant.errors import HyperquantError
 from hyperquant.kinds import PlanEntry, entry_from_dict, kind_of_entry
@@ -83,14 +84,11 @@ def _share_tied_embedding(model: nn.Module, cfg: CompressConfig, plan: Plan) -> 
     entry says so and moves last (it is built from the compressed head)."""
     from hyperquant.kinds import DenseQuantPlan, EmbedQuantPlan
 
-    embed_name = input_embedding_name(model)
-    output = getattr(model, "get_output_embeddings", lambda: None)()
-    if not cfg.share_tied_embedding or embed_name not in plan or output is None:
+    embed_name, head_name = input_embedding_name(model), output_embedding_name(model)
+    if not cfg.share_tied_embedding or embed_name not in plan or head_name is None:
         return plan
-    embedding = model.get_submodule(embed_name)
-    head_name = next((n for n, m in model.named_modules() if m is output), None)
     entry, head = plan[embed_name], plan.get(head_name)
-    tied = getattr(output, "weight", None) is embedding.weight
+    tied = getattr(model.get_submodule(head_name), "weight", None) is model.get_submodule(embed_name).weight
     if not (tied and isinstance(entry, EmbedQuantPlan) and isinstance(head, DenseQuantPlan)
             and (entry.bits, entry.group_size, entry.symmetric) == (head.bits, head.group_size, head.symmetric)):
         return plan
