@@ -15,7 +15,6 @@ onnxruntime InferenceSession runs them. Dense hyperquant layers export as MatMul
 
 from hyperquant.exporters.export import (
     DEFAULT_OPSET,
-    REPORT_NAME,
     CausalLMWrapper,
     check_parity,
     export_checkpoint,
@@ -24,6 +23,7 @@ from hyperquant.exporters.export import (
     export_model,
     export_ort_rtn,
     parity_tolerance,
+    report_path,
 )
 from hyperquant.exporters.fused import FUSED_MODEL_TYPES, build_fused_graph, fused_reason
 from hyperquant.exporters.genai import (
@@ -48,7 +48,6 @@ __all__ = [
     "DOMAIN",
     "FUSED_MODEL_TYPES",
     "ORT_SUPPORTED_BITS",
-    "REPORT_NAME",
     "CausalLMWrapper",
     "OnnxCausalLM",
     "attach_functions",
@@ -69,5 +68,6 @@ __all__ = [
     "generate_ids",
     "make_session",
     "parity_tolerance",
+    "report_path",
     "translation_table",
 ]

@@ -4,7 +4,8 @@ Inputs and outputs are named as optimum names them: ``input_ids``, ``attention_m
 cache, ``past_key_values.{i}.key/value`` -> ``logits`` and ``present.{i}.key/value``. Batch and sequence
 lengths are dynamic. The cache model also runs the first step: feed past tensors with 0 positions.
 
-Every export writes ``export_report.json`` beside the model (max and relative logits errors of
+Every export writes ``<model>.export_report.json`` beside the model (``model.export_report.json`` for
+``model.onnx``: each export in a folder has its own) (max and relative logits errors of
 onnxruntime vs torch on random and real tokens, prefill and one decode step) and refuses with a
 HyperquantError when the error is beyond the tolerance. Outputs are written to a temporary folder
 and renamed into place; an existing output is replaced only with ``overwrite=True``.
@@ -38,7 +39,13 @@ from hyperquant.errors import HyperquantError
 
 DEFAULT_OPSET = 21
 MIN_OPSET, MAX_OPSET = 18, 23
-REPORT_NAME = "export_report.json"
+REPORT_SUFFIX = ".export_report.json"
+
+
+def report_path(out_path: str | Path) -> Path:
+    """The parity report of the model at ``out_path``: model.onnx -> model.export_report.json."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + REPORT_SUFFIX)
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 ORT_RTN_BLOCK_SIZES = (32, 128)
@@ -272,7 +279,7 @@ def _layer_bits(model: nn.Module) -> set[int]:
 
 
 def _targets(out_path: Path) -> list[Path]:
-    return [out_path, out_path.with_name(out_path.name + ".data"), out_path.with_name(REPORT_NAME)]
+    return [out_path, out_path.with_name(out_path.name + ".data"), report_path(out_path)]
 
 
 @contextlib.contextmanager
@@ -358,7 +365,7 @@ def export_model(
             "export_seconds": round(export_seconds, 1),
             "versions": _versions(),
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        (tmp / report_path(out_path).name).write_text(json.dumps(report, indent=2))
         if failed:
             stage, case, rel, t = max(failed, key=lambda f: f[2] / f[3])
             where = f"{case}" + (" before onnxruntime's RTN" if stage == "export" else "")
@@ -445,5 +452,5 @@ def export_command(
     nodes = ", ".join(f"{v} {k}" for k, v in sorted(report["nodes"].items())) or "no hyperquant nodes"
     print(f"wrote {out} ({report['file_bytes'] / 1e6:.1f} MB; {nodes}); onnxruntime vs torch relative logits "
           f"error {report['max_rel_error']:.2e} <= {report['tolerance']:g}; report in "
-          f"{Path(out).with_name(REPORT_NAME)}")
+          f"{report_path(out)}")
     return report

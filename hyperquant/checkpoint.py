@@ -103,7 +103,9 @@ def save_compressed(
         config["hyperquant"] = {**section, "layers": specs}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(_state_to_save(model, rest_dtype, set(specs)), str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt", "hyperquant_format_version": str(FORMAT_VERSION)})
+                  # one key only: safetensors writes metadata in hash order, and two keys would make the
+                  # same model's file differ from run to run (the format version is in config.json)
+                  metadata={"format": "pt"})
         (tmp / "quant_log.json").write_text(json.dumps(getattr(model, "hyperquant_log", []), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -112,14 +114,37 @@ def save_compressed(
     return Path(out_dir)
 
 
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HyperquantError(f"{config_path} is not valid JSON ({e}); the checkpoint is damaged, re-create it "
+                              f"with `hyperquant compress`") from None
+    if not isinstance(config, dict):
+        raise HyperquantError(f"{config_path} is not a JSON object; the checkpoint is damaged")
+    return config
+
+
+def is_hyperquant_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` claims to be a hyperquant checkpoint (config.json with a hyperquant section).
+    A folder that is no checkpoint but was one (its section deleted) loads as a plain model, which
+    `models.load_model` refuses for its missing weights."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "config.json").is_file() and "hyperquant" in _read_config(folder)
+
+
 def read_hyperquant_config(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     config_path = folder / "config.json"
     if not folder.is_dir() or not config_path.is_file():
         raise HyperquantError(f"{folder} is not a hyperquant checkpoint folder (no config.json); "
                               f"make one with `hyperquant compress --out {folder}`")
-    config = json.loads(config_path.read_text())
+    config = _read_config(folder)
     section = config.get("hyperquant")
+    if isinstance(section, dict) and not isinstance(section.get("layers"), dict):
+        raise HyperquantError(f"{folder}: the hyperquant section of config.json has no layers mapping; the "
+                              f"checkpoint is damaged, re-create it with `hyperquant compress`")
     if not isinstance(section, dict) or "layers" not in section:
         raise HyperquantError(f"{folder} has no hyperquant section in config.json; it is not a hyperquant "
                               f"checkpoint (compress it with `hyperquant compress`)")
@@ -138,11 +163,23 @@ def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild the compressed model of a checkpoint folder, in float32, ready for inference (eval mode).
 
     Packed codes, fp16 scales and zero points stay as stored (a blanket `.to(dtype)` would widen the
-    scales); float weights stored in `rest_dtype` are widened to float32."""
+    scales); float weights stored in `rest_dtype` are widened to float32. Every problem with the folder
+    (missing, damaged or tampered files) raises HyperquantError."""
+    folder = Path(folder)
+    try:
+        return _load(folder)
+    except HyperquantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a tampered spec or torn file fails anywhere in torch or transformers
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise HyperquantError(f"{folder}: the checkpoint is damaged or does not match its config.json "
+                              f"({type(e).__name__}: {text}); re-create it with `hyperquant compress`") from None
+
+
+def _load(folder: Path) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
-    folder = Path(folder)
     config_dict = read_hyperquant_config(folder)
     section = config_dict["hyperquant"]
     weights = folder / WEIGHTS_NAME
@@ -156,7 +193,11 @@ def load(folder: str | os.PathLike) -> nn.Module:
     model = model_cls(config)
     for name, spec in section["layers"].items():
         set_module(model, name, _module_from_spec(spec))
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for torn files
+        raise HyperquantError(f"{weights} is damaged ({str(e).strip()[:200] or type(e).__name__}); re-create the "
+                              f"checkpoint with `hyperquant compress`") from None
     expected = model.state_dict()
     for key, value in state.items():
         if key in expected and expected[key].is_floating_point():

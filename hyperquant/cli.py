@@ -98,7 +98,10 @@ def compress(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
     train: Annotated[bool, typer.Option("--train/--no-train", help="PHM layers: distil them from the dense model before quantizing (default; post-training alone leaves PHM unusable). --no-train: post-training only")] = True,
-    train_minutes: Annotated[float, typer.Option(help="Time budget of the training steps, in minutes (the initial fit, export and evaluation add a few)")] = 30.0,
+    train_tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default 204800: 200 steps, about 27 min of "
+                                                          "steps on 2 CPU cores; the same command gives the same model)")] = None,
+    train_minutes: Annotated[float | None, typer.Option(help="A time budget for the training steps instead, in minutes (as many "
+                                                             "steps as fit: the result depends on the machine)")] = None,
     qat: Annotated[bool, typer.Option(help="Train with fake-quantized factors (QAT) from 60 % of the steps; export on the QAT grid")] = False,
     train_config: Annotated[Path | None, typer.Option(help="YAML of TrainConfig fields that override the training recipe (see docs/training.md)")] = None,
 ) -> None:
@@ -145,10 +148,13 @@ def compress(
     if training:
         from hyperquant.train.compress import work_dir_for
         from hyperquant.train.config import read_yaml_options
-        from hyperquant.train.recipe import compress_train_config
+        from hyperquant.train.recipe import DEFAULT_TOKENS, compress_train_config
 
+        if train_tokens is not None and train_minutes is not None:
+            _fail("--train-tokens and --train-minutes are two budgets; give one")
         overrides = read_yaml_options(train_config) if train_config is not None else {}
-        tcfg = compress_train_config(cfg, str(work_dir_for(out_dir)), train_minutes, qat, overrides)
+        tokens = train_tokens if train_tokens is not None else (None if train_minutes is not None else DEFAULT_TOKENS)
+        tcfg = compress_train_config(cfg, str(work_dir_for(out_dir)), train_minutes, qat, overrides, tokens)
     elif qat:
         _fail("--qat trains the PHM layers: drop --no-train (and use n >= 2)")
     calib_texts = None
@@ -161,21 +167,40 @@ def compress(
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
                  train_cfg=None) -> None:
-    from hyperquant.data import calibration_ids
+    from hyperquant.atomic import check_free_space
+    from hyperquant.data import calibration_ids, calibration_split
     from hyperquant.data import eval_tokens as held_out_tokens
     from hyperquant.evals import PerplexityProtocol
     from hyperquant.job import Evaluation, compress_to_folder, measure
-    from hyperquant.models import load_model, resolve_source
+    from hyperquant.models import check_sequence_length, load_model, resolve_source, source_bytes
     from hyperquant.plan import resolve_plan
     from hyperquant.report import SUMMARY_COLUMNS, summary_rows
 
     source = resolve_source(model_arg)
+    # a compressed checkpoint is smaller than its source's weights; training adds its work folder
+    check_free_space(out_dir, source_bytes(source) // (2 if train_cfg is None else 1), "the compressed checkpoint")
     log.info("loading %s", source)
     model, tokenizer = load_model(source)
-    resolve_plan(model, cfg)  # shape errors (n not dividing a layer) before any long work
-    calib = calibration_ids(tokenizer, cfg.calib_samples, cfg.calib_seq_len, texts=calib_texts) \
-        if cfg.needs_calibration and train_cfg is None else None
-    protocol = PerplexityProtocol(num_tokens=eval_tokens) if eval_tokens else None
+    plan = resolve_plan(model, cfg)  # shape errors (n not dividing a layer) before any long work
+    if cfg.needs_calibration and train_cfg is None:
+        from hyperquant.pipeline import check_calibration_size
+
+        check_sequence_length(model.config, cfg.calib_seq_len, "--calib-seq-len")
+        check_calibration_size({name: model.get_submodule(name) for name in plan}, plan,
+                               cfg.calib_samples * cfg.calib_seq_len)
+    if train_cfg is not None:
+        check_sequence_length(model.config, train_cfg.seq_len, "seq_len (--train-config)")
+        check_sequence_length(model.config, min(train_cfg.eval_context, train_cfg.eval_tokens),
+                              "eval_context (--train-config)")
+    from hyperquant.models import max_positions
+
+    # windows of 512 tokens, or of the model's positions if it has fewer
+    context = min(512, max_positions(model.config) or 512)
+    calib = heldout = None
+    if cfg.needs_calibration and train_cfg is None:
+        calib, heldout = calibration_split(tokenizer, cfg.calib_samples, cfg.heldout_samples, cfg.calib_seq_len,
+                                           texts=calib_texts)
+    protocol = PerplexityProtocol(context=context, stride=context, num_tokens=eval_tokens) if eval_tokens else None
     evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol)
     rows = [measure(model, "original (fp32)", evaluation)]
     if train_cfg is not None:
@@ -183,8 +208,13 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
 
         train_ids = calibration_ids(tokenizer, train_cfg.train_samples, train_cfg.seq_len, train_cfg.data_seed,
                                     texts=calib_texts)
-        log.info("training the PHM layers for about %s min on up to %s tokens (--no-train: post-training only)",
-                 train_cfg.max_minutes, f"{train_ids.numel():,}")
+        per_step = train_cfg.per_device_batch_size * train_cfg.grad_accum_steps * train_cfg.seq_len
+        if train_cfg.max_minutes is not None:
+            log.info("training the PHM layers for about %s min (a time budget: the result depends on the machine; "
+                     "--no-train: post-training only)", train_cfg.max_minutes)
+        else:
+            log.info("training the PHM layers: %d steps, %s tokens (--no-train: post-training only)",
+                     train_cfg.max_steps, f"{train_cfg.max_steps * per_step:,}")
         if evaluation.eval_ids is None:
             evaluation = Evaluation(held_out_tokens(tokenizer, train_cfg.eval_tokens), None)
         train_and_compress(source, model, tokenizer, cfg, train_cfg, out_dir, overwrite, train_ids, evaluation,
@@ -195,7 +225,7 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     if calib is not None:
         log.info("calibrating on %d x %d tokens", calib.shape[0], calib.shape[1])
     result = compress_to_folder(model, tokenizer, cfg, out_dir, source=str(source), calib=calib,
-                                evaluation=evaluation, overwrite=overwrite, rows=rows)
+                                evaluation=evaluation, overwrite=overwrite, rows=rows, heldout=heldout)
     _print_table(SUMMARY_COLUMNS, summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")
     out.print(f"compressed in {result.seconds:.1f} s; weights file {result.row['size']['bytes_on_disk'] / 1e6:.1f} "
               f"MB; report: {out_dir / 'report.md'}")
@@ -207,25 +237,27 @@ def eval_cmd(
     folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder (or a plain HF model folder / .gguf)")],
     text: Annotated[Path | None, typer.Option(help="UTF-8 text file to measure perplexity on (default: held-out Wikipedia)")] = None,
     eval_tokens: Annotated[int, typer.Option(help="Tokens to score")] = 4096,
-    context: Annotated[int, typer.Option(help="Context length of each window")] = 512,
-    stride: Annotated[int, typer.Option(help="Stride between windows (= context: non-overlapping)")] = 512,
+    context: Annotated[int | None, typer.Option(help="Context length of each window (default 512, or the model's positions if fewer)")] = None,
+    stride: Annotated[int | None, typer.Option(help="Stride between windows (default = context: non-overlapping)")] = None,
     latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model")] = True,
 ) -> None:
     """Perplexity, size, multiply-adds and CPU latency of a model; prints `perplexity: <float>` last."""
     import torch
     from transformers import AutoTokenizer
 
-    from hyperquant.checkpoint import load
+    from hyperquant.checkpoint import is_hyperquant_checkpoint, load
     from hyperquant.evals import PerplexityProtocol, folder_bytes, model_size, perplexity, torch_latency
-    from hyperquant.models import load_model, resolve_source
+    from hyperquant.models import check_sequence_length, load_model, max_positions, resolve_source
 
-    try:
-        protocol = PerplexityProtocol(context=context, stride=stride, num_tokens=eval_tokens)
-    except ValueError as e:
-        _fail(str(e))
+    if context is not None and context < 1:
+        _fail(f"--context {context} must be at least 1 (tokens per window, e.g. 512)")
+    if stride is not None and not 0 < stride <= (context or 512):
+        _fail(f"--stride {stride} must be in 1..--context ({context or 512}); a stride equal to the context gives "
+              f"non-overlapping windows")
+    if eval_tokens < 2:
+        _fail(f"--eval-tokens {eval_tokens} must be at least 2 (one token is predicted from the one before)")
     path = Path(folder)
-    config_path = path / "config.json"
-    if path.is_dir() and config_path.is_file() and "hyperquant" in json.loads(config_path.read_text()):
+    if is_hyperquant_checkpoint(path):
         model = load(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         size = model_size(model, rest_bytes_per_param=torch.empty(0, dtype=getattr(
@@ -234,6 +266,13 @@ def eval_cmd(
     else:
         model, tokenizer = load_model(resolve_source(folder))
         size = model_size(model)
+    if context is None:
+        context = min(512, max_positions(model.config) or 512)
+    check_sequence_length(model.config, min(context, eval_tokens), "--context")
+    stride = context if stride is None else stride
+    if stride > context:
+        _fail(f"--stride {stride} must be in 1..--context ({context})")
+    protocol = PerplexityProtocol(context=context, stride=stride, num_tokens=eval_tokens)
     if text is not None:
         from hyperquant.data import read_text_file
 
@@ -388,6 +427,13 @@ def report(
         from hyperquant.models import resolve_source
 
         resolve_source(cfg.model)  # a wrong path fails before any work
+    from hyperquant.checkpoint import read_hyperquant_config
+
+    for point in cfg.points:  # a checkpoint point that is not there fails now, not after the sweep
+        if point.checkpoint:
+            if not Path(point.checkpoint).exists():
+                _fail(f"checkpoint point {point.checkpoint} does not exist; fix its path in {config or 'the sweep'}")
+            read_hyperquant_config(point.checkpoint)
     command = "hyperquant report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     result = run_sweep(cfg, out_dir, cache, overwrite=overwrite, command=command)
     points = result["points"]
@@ -408,4 +454,9 @@ def report(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outputs are atomic: an interrupted run leaves nothing half-written
+        console.print("interrupted: nothing was written (a training run resumes from its last checkpoint when "
+                      "the same command is run again)", highlight=False, soft_wrap=True)
+        sys.exit(130)

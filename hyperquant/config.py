@@ -59,6 +59,9 @@ class CompressConfig:
     layers: dict[str, PlanEntry | dict] = field(default_factory=dict)
     calib_samples: int = 32
     calib_seq_len: int = 512
+    # Sequences of calib_seq_len after the fit ones, never fitted on: every layer's output error is also
+    # measured on them (``output_error_heldout``), since the in-sample error flatters the fit.
+    heldout_samples: int = 4
     true_sequential: bool = True  # re-collect inputs after each group of layers that share an input
     target_patterns: list[str] | None = None  # regexes on module names; None = as ``scope`` says
     scope: str = "model"
@@ -86,6 +89,8 @@ class CompressConfig:
         if not isinstance(self.calib_samples, int) or not isinstance(self.calib_seq_len, int) \
                 or self.calib_samples < 1 or self.calib_seq_len < 8:
             raise ConfigError("calib_samples must be an integer >= 1 and calib_seq_len >= 8")
+        if not isinstance(self.heldout_samples, int) or self.heldout_samples < 0:
+            raise ConfigError(f"heldout_samples={self.heldout_samples!r} must be an integer >= 0 (0: no held-out errors)")
         for pattern in [*self.layer_bases, *self.layers, *(self.target_patterns or [])]:
             try:
                 re.compile(pattern)

@@ -83,7 +83,10 @@ def find_ffn_linears(
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise HyperquantError(
-            f"no FFN linears found in this {model_type} model; pass target_patterns (regexes on module names)"
+            f"no FFN linears found in this {model_type} model (hyperquant knows the FFN names of "
+            f"{', '.join(sorted(FFN_PATTERNS))}); for another architecture set target_patterns "
+            f"(regexes on module names) in a YAML config (compress: in --train-config or a report point) or in "
+            f"hyperquant.CompressConfig"
         )
     return found
 

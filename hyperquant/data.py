@@ -85,14 +85,28 @@ def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int = 0, texts:
     return ids[:usable].reshape(-1, seq_len)
 
 
+def calibration_split(tokenizer, samples: int, heldout: int, seq_len: int, seed: int = 0,
+                      texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fit, held-out) sequences: the first ``samples`` of `calibration_ids` (exactly what a call for
+    ``samples`` alone gives) and up to ``heldout`` more after them, never fitted on (None when the text
+    has no more)."""
+    ids = calibration_ids(tokenizer, samples + heldout, seq_len, seed, texts)
+    rest = ids[samples:]
+    return ids[:samples], (rest if len(rest) else None)
+
+
 def read_text_file(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise HyperquantError(f"{path} is a folder, not a text file; give a UTF-8 text file")
     if not path.is_file():
         raise HyperquantError(f"text file {path} does not exist; give a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise HyperquantError(f"text file {path} is not UTF-8; convert it (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise HyperquantError(f"text file {path} cannot be read ({e.strerror}); check its permissions") from None
     if not text.strip():
         raise HyperquantError(f"text file {path} is empty; give a file with text in it")
     return text

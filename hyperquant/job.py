@@ -90,12 +90,15 @@ def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, row
 
 
 def compress_and_measure(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor | None, evaluation: Evaluation,
-                         label: str | None = None, progress: bool = True) -> CompressResult:
-    """Compress ``model`` in place as ``cfg`` says and measure it (no folder written)."""
+                         label: str | None = None, progress: bool = True,
+                         heldout: torch.Tensor | None = None) -> CompressResult:
+    """Compress ``model`` in place as ``cfg`` says and measure it (no folder written); ``heldout``:
+    calibration-text sequences never fitted on, on which every layer's error is also measured."""
     from hyperquant.pipeline import compress
 
     start = time.perf_counter()
-    compress(model, cfg, calib, progress=progress)  # it refuses a plan that needs calibration without any
+    # it refuses a plan that needs calibration without any
+    compress(model, cfg, calib, progress=progress, heldout_inputs=heldout)
     seconds = time.perf_counter() - start
     row = measure(model, label or model_label(model), evaluation, cfg.rest_dtype)
     return CompressResult(model, row, seconds, log=model.hyperquant_log)
@@ -104,10 +107,10 @@ def compress_and_measure(model: nn.Module, cfg: CompressConfig, calib: torch.Ten
 def compress_to_folder(model: nn.Module, tokenizer, cfg: CompressConfig, out_dir: Path, *, source: str,
                        calib: torch.Tensor | None, evaluation: Evaluation, overwrite: bool,
                        rows: list[dict] | None = None, label: str | None = None,
-                       progress: bool = True) -> CompressResult:
+                       progress: bool = True, heldout: torch.Tensor | None = None) -> CompressResult:
     """Compress, measure and publish: the checkpoint folder with its report. ``rows``: rows measured
     before (the original model's), shown above this one in the report."""
-    result = compress_and_measure(model, cfg, calib, evaluation, label, progress)
+    result = compress_and_measure(model, cfg, calib, evaluation, label, progress, heldout)
     all_rows = [*(rows or []), result.row]
     result.folder = write_output(model, out_dir, tokenizer, source=source, rows=all_rows, seconds=result.seconds,
                                  evaluation=evaluation, overwrite=overwrite)

@@ -18,7 +18,8 @@ def compress_layer(name: str, module: nn.Module, entry: PlanEntry, stats: LayerS
     """The replacement of ``module`` and its log record.
 
     Errors are relative: output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2 over the
-    calibration tokens; ``output_error_to_original`` compares with the uncompressed model's layer output.
+    calibration tokens the fit saw (``output_error``) and over held-out ones (``output_error_heldout``,
+    when the statistics carry them); ``output_error_to_original`` compares with the uncompressed model's layer output.
     """
     start = time.perf_counter()
     weight = linear_weight(module).float()
@@ -33,6 +34,9 @@ def compress_layer(name: str, module: nn.Module, entry: PlanEntry, stats: LayerS
     if stats is not None and hasattr(new, "effective_weight"):
         effective = new.effective_weight()
         record["output_error"] = relative_output_error(weight, effective, stats.input_cov)
+        if stats.heldout_cov is not None:
+            record["output_error_heldout"] = relative_output_error(weight, effective, stats.heldout_cov)
+            record["heldout_tokens"] = stats.heldout_tokens
         if stats.cross_cov is not None:
             record["output_error_to_original"] = relative_error_to_original(
                 weight, effective, stats.input_cov, stats.cross_cov, stats.original_cov)

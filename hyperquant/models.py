@@ -58,20 +58,75 @@ def resolve_source(model: str | os.PathLike | ModelSource | None) -> ModelSource
     return ModelSource(path)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_folder(source: ModelSource) -> None:
+    """What can be told from the files before transformers reads them."""
+    if source.gguf_file:
+        return
+    config = source.folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HyperquantError(f"{config} is not valid JSON ({e}); restore the model's config.json") from None
+    files = [p for p in source.folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickled = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise HyperquantError(
+            f"{source.folder} holds its weights only as pickle ({pickled[0]}), which hyperquant never loads (a pickle "
+            f"can run any code); convert it to safetensors first, e.g. model.save_pretrained(dir, "
+            f"safe_serialization=True) in a trusted environment")
+    raise HyperquantError(f"{source.folder} has no weights (no *.safetensors file); give a complete model folder")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _check_finite(model, source) -> None:
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise HyperquantError(f"{source}: weight {name} holds NaN or Inf; the model is damaged, so there is "
+                                  f"nothing sound to compress or evaluate (check or re-create the model file)")
+
+
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) loaded offline by the ordinary transformers loaders."""
+    """(model, tokenizer) loaded offline by the ordinary transformers loaders, refusing what they would
+    let through: pickle weights, weights missing from the files (transformers would initialize them at
+    random), and NaN/Inf weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_folder(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         # GGUF dequantization prints its own tqdm bars; keep our output readable.
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, output_loading_info=True,
+                                                               use_safetensors=None if source.gguf_file else True,
+                                                               **kwargs)
+    except Exception as e:  # noqa: BLE001 - torn, truncated or foreign files raise anything from any layer
+        raise HyperquantError(f"could not load a causal LM from {source} (damaged or unsupported files?): "
+                              f"{_first_line(e)}") from None
+    missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
+    if missing or info.get("mismatched_keys"):
+        what = f"misses {len(missing)} weight(s) ({missing[0]})" if missing else \
+            f"has weights of the wrong shape ({info['mismatched_keys'][0]})"
+        raise HyperquantError(f"{source} {what}; transformers would fill them with random values. The model files "
+                              f"are incomplete or do not match config.json: restore them")
+    _check_finite(model, source)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HyperquantError(f"could not load a causal LM from {source}: {first_line}") from None
+    except Exception as e:  # noqa: BLE001
+        raise HyperquantError(f"{source} has no usable tokenizer ({_first_line(e)}); save the tokenizer files "
+                              f"beside the model (tokenizer.save_pretrained(folder))") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise HyperquantError(f"{source} has no tokenizer; save the tokenizer files beside the model")
     model.eval()
     # A GGUF-loaded config carries a gguf quantization_config that would make transformers try to
     # re-quantize on reload; the weights are already dequantized to float.
@@ -80,6 +135,38 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         if source.gguf_file:
             model.hf_quantizer = None  # the dequantized float model saves like any other (save_pretrained)
     return model, tokenizer
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(tied, dict):
+        tied = list(tied)
+    return set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no such limit is known)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_sequence_length(config, length: int, option: str) -> None:
+    """Refuse sequences longer than the model's positions, before any work (a learned position table
+    fails on them deep inside the forward; a rotary one silently goes past what it was trained on)."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise HyperquantError(f"{option}={length} is longer than the model's {limit} positions "
+                              f"(max_position_embeddings); use {option} {limit} or less")
+
+
+def source_bytes(source: ModelSource) -> int:
+    """Bytes of the model's weight files."""
+    if source.gguf_file:
+        return (source.folder / source.gguf_file).stat().st_size
+    return sum(p.stat().st_size for p in source.folder.glob("*.safetensors"))
 
 
 def model_identity(source: ModelSource) -> str:

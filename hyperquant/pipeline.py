@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from collections.abc import Iterable
 
@@ -45,6 +46,43 @@ def _batches(calib_inputs, batch_size: int) -> list[dict[str, torch.Tensor]]:
     if not batches:
         raise HyperquantError("calibration data is empty; give at least one sample of text")
     return batches
+
+
+def calibration_tokens(batches: list[dict]) -> int:
+    """Tokens in the calibration batches (those the attention mask keeps, when there is one)."""
+    total = 0
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        ids = batch.get("input_ids")
+        total += int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+    return total
+
+
+def calibration_minimum(targets: dict[str, nn.Module], plan: Plan) -> tuple[int, str | None]:
+    """The fewest calibration tokens the plan can use: a layer's input statistics (Hessian, activation
+    fit) are rank-deficient below its input dimension, and GPTQ or the fit then reproduce those few
+    tokens exactly while erring everywhere else. Returns (tokens, the layer that needs them)."""
+    need, widest = 0, None
+    for name, module in targets.items():
+        entry = plan[name]
+        if kind_of_entry(entry).needs_calibration(entry) and not _shares_head(entry):
+            width = linear_weight(module).shape[1]
+            if width > need:
+                need, widest = width, name
+    return need, widest
+
+
+def check_calibration_size(targets: dict[str, nn.Module], plan: Plan, tokens: int, refuse: bool = True) -> None:
+    """Refuse (the command line, before any work) or warn about (the library) too few calibration tokens."""
+    need, widest = calibration_minimum(targets, plan)
+    if widest is None or tokens >= need:
+        return
+    message = (f"{tokens} calibration tokens are too few: layer {widest} has {need} inputs, so its statistics "
+               f"would be rank-deficient and its in-sample error meaningless; give at least {need} tokens "
+               f"(calib_samples x calib_seq_len, e.g. --calib-samples {-(-need // 512)} --calib-seq-len 512)")
+    if refuse:
+        raise HyperquantError(message)
+    logging.getLogger(__name__).warning(message)
 
 
 def _call_model(model: nn.Module, batch: dict) -> None:
@@ -116,19 +154,24 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torc
 class _InputStats:
     """Accumulates sum_t x_t x_t^T (float64) of a linear's input.
 
-    With ``original_inputs`` (the inputs the uncompressed model gave this layer, one tensor per batch,
-    in the same order) it also accumulates sum_t x_t xo_t^T and sum_t xo_t xo_t^T. Layers fed the same
-    tensor (gate/up) share one product through ``shared``, a per-batch cache keyed by the tensor.
+    Calls past the first ``fit_calls`` are held-out batches: they go to a separate sum the fit never
+    sees. With ``original_inputs`` (the inputs the uncompressed model gave this layer, one tensor per
+    batch, in the same order) it also accumulates sum_t x_t xo_t^T and sum_t xo_t xo_t^T over the fit
+    batches. Layers fed the same tensor (gate/up) share one product through ``shared``, a per-batch cache
+    keyed by the tensor.
     """
 
-    def __init__(self, in_features: int, shared: dict, original_inputs: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, in_features: int, shared: dict, original_inputs: list[torch.Tensor] | None = None,
+                 fit_calls: int | None = None) -> None:
         self.cov = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.shared = shared
         self.original_inputs = original_inputs
         if original_inputs is not None:
             self.cross_cov = torch.zeros_like(self.cov)
             self.original_cov = torch.zeros_like(self.cov)
-        self.tokens = 0
+        self.fit_calls = fit_calls
+        self.heldout_cov = None
+        self.tokens = self.heldout_tokens = 0
         self.calls = 0
 
     def __call__(self, _module, args) -> None:
@@ -138,18 +181,23 @@ class _InputStats:
             # Holding args[0] keeps its address from being reused by another tensor in this forward.
             self.shared[key] = (args[0], x, (x.T @ x).double())  # per-batch fp32 sums, accumulated in fp64
         _, x, xx = self.shared[key]
+        call, self.calls = self.calls, self.calls + 1
+        if self.fit_calls is not None and call >= self.fit_calls:
+            self.heldout_cov = xx.clone() if self.heldout_cov is None else self.heldout_cov + xx
+            self.heldout_tokens += x.shape[0]
+            return
         self.cov += xx
         if self.original_inputs is not None:
-            xo = self.original_inputs[self.calls]
+            xo = self.original_inputs[call]
             self.cross_cov += (x.T @ xo).double()
             self.original_cov += (xo.T @ xo).double()
         self.tokens += x.shape[0]
-        self.calls += 1
 
     def layer_stats(self) -> LayerStats:
+        held = {"heldout_cov": self.heldout_cov, "heldout_tokens": self.heldout_tokens}
         if self.original_inputs is None:
-            return LayerStats(self.cov, self.tokens)
-        return LayerStats(self.cov, self.tokens, self.cross_cov, self.original_cov)
+            return LayerStats(self.cov, self.tokens, **held)
+        return LayerStats(self.cov, self.tokens, self.cross_cov, self.original_cov, **held)
 
 
 def _input_groups(block: nn.Module, names: list[str], first_call: tuple) -> list[list[str]]:
@@ -211,12 +259,15 @@ def compress(
     batch_size: int = 8,
     progress: bool = True,
     plan: Plan | None = None,
+    heldout_inputs: torch.Tensor | Iterable[dict] | None = None,
 ) -> nn.Module:
     """Compress the selected linears of ``model`` in place, as ``config`` (or an explicit ``plan``,
     {module name: plan entry}) says; return the model.
 
     ``calib_inputs``: token ids (samples, seq_len) or an iterable of model-input dicts; needed for GPTQ,
-    the activation-aware PHM fit and other kinds that calibrate. The per-layer log is at
+    the activation-aware PHM fit and other kinds that calibrate. ``heldout_inputs`` (same form, never
+    fitted on) go through the same sequential passes so that every layer's output error is also measured
+    on them (``output_error_heldout``). The per-layer log is at
     ``model.hyperquant_log``; the plan is stored in ``model.config.hyperquant["plan"]``.
     """
     model.eval()
@@ -233,8 +284,10 @@ def compress(
                     "method's channel scales); pass calib_inputs, or use method='rtn' with init='frobenius' "
                     "(fourier: diag_calibration=False)"
                 )
-            _compress_sequential(model, targets, work, _batches(calib_inputs, batch_size), log, bar,
-                                 config.true_sequential)
+            batches = _batches(calib_inputs, batch_size)
+            check_calibration_size(targets, work, calibration_tokens(batches), refuse=False)
+            heldout = _batches(heldout_inputs, batch_size) if heldout_inputs is not None else []
+            _compress_sequential(model, targets, work, batches, heldout, log, bar, config.true_sequential)
         else:
             task = bar.add_task("compressing layers", total=len(targets)) if bar else None
             for name, module in targets.items():
@@ -251,9 +304,10 @@ def compress(
         "format_version": FORMAT_VERSION,
         "compress_config": config.to_dict(),
         "plan": plan_to_dict(plan),
-        "compress_time_s": time.perf_counter() - start,
     }
     model.hyperquant_log = log
+    # the time goes to the log and summary, not config.json: the same command gives the same checkpoint
+    model.hyperquant_seconds = time.perf_counter() - start
     return model
 
 
@@ -298,11 +352,12 @@ def _split_by_block(targets) -> tuple[str | None, dict[int, list[str]], list[str
     return list_name, by_block, tail
 
 
-def _compress_tail(model, targets, names: list[str], plan: Plan, batches, log, bar, layer_task) -> None:
+def _compress_tail(model, targets, names: list[str], plan: Plan, batches, heldout, log, bar, layer_task) -> None:
     """Targets after the blocks (the LM head): calibrated on the whole, already compressed model, so
     they see the errors of every block before them."""
     shared: dict = {}
-    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared) for name in names}
+    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, fit_calls=len(batches))
+             for name in names}
     handles = [targets[n].register_forward_pre_hook(stats[n]) for n in names]
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if output is not None and any(targets[n] is output for n in names):
@@ -311,7 +366,7 @@ def _compress_tail(model, targets, names: list[str], plan: Plan, batches, log, b
 
         handles.append(output.register_forward_pre_hook(stop))
     try:
-        for batch in batches:
+        for batch in [*batches, *heldout]:
             with contextlib.suppress(_StopForward):
                 _call_model(model, batch)
             shared.clear()
@@ -335,7 +390,7 @@ def _replace_calibrated(model, targets, names, plan: Plan, stats: dict, block: i
             bar.update(layer_task, advance=1, description=f"quantizing {name}")
 
 
-def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_sequential: bool) -> None:
+def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool) -> None:
     list_name, by_block, tail = _split_by_block(targets)
     layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
     # Outside the blocks, what needs no calibration (an embedding table of its own) goes first, so that
@@ -355,9 +410,10 @@ def _compress_sequential(model, targets, plan: Plan, batches, log, bar, true_seq
 
     without_calibration(first)
     if by_block:
-        _compress_blocks(model, targets, plan, batches, log, bar, true_sequential, list_name, by_block, layer_task)
+        _compress_blocks(model, targets, plan, batches, heldout, log, bar, true_sequential, list_name, by_block,
+                         layer_task)
     if tail:
-        _compress_tail(model, targets, tail, plan, batches, log, bar, layer_task)
+        _compress_tail(model, targets, tail, plan, batches, heldout, log, bar, layer_task)
     without_calibration(built_from_head)
 
 
@@ -379,10 +435,10 @@ def _build_layer(model: nn.Module, name: str, module: nn.Module, entry, stats):
     return new, record
 
 
-def _compress_blocks(model, targets, plan: Plan, batches, log, bar, true_sequential: bool, list_name: str,
-                     by_block: dict[int, list[str]], layer_task) -> None:
+def _compress_blocks(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool,
+                     list_name: str, by_block: dict[int, list[str]], layer_task) -> None:
     blocks = model.get_submodule(list_name)
-    inputs = _capture_block_inputs(model, blocks[0], batches)
+    inputs = _capture_block_inputs(model, blocks[0], [*batches, *heldout])  # held-out calls come last
     fits_original = any(getattr(entry, "fits_original_outputs", False) for entry in plan.values())
     original_inputs = inputs if fits_original else None
     last = max(by_block)
@@ -399,7 +455,8 @@ def _compress_blocks(model, targets, plan: Plan, batches, log, bar, true_sequent
             groups = [pending] if pending else []
         for group in groups:
             shared: dict = {}
-            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name))
+            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name),
+                                       fit_calls=len(batches))
                      for name in group}
 
             def clear_shared(_module, _args, _out, shared=shared):

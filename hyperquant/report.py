@@ -47,7 +47,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def layer_error_summary(log: list[dict]) -> dict:
     """Means over layers of the relative errors in the per-layer log (those that are present)."""
     keys = ["weight_error_frobenius", "output_error_frobenius", "output_error_activation", "quant_error",
-            "quant_error_rtn", "output_error", "output_error_to_original",
+            "quant_error_rtn", "output_error", "output_error_heldout", "quant_error_heldout",
+            "output_error_to_original",
             # method="fourier"
             "weight_error_lowrank_float", "weight_error", "output_error_lowrank_float", "output_error_uncalibrated"]
     return {k: statistics.fmean(r[k] for r in log if k in r) for k in keys if any(k in r for r in log)}
@@ -74,8 +75,11 @@ def compress_report_md(source: str, config: dict, rows: list[dict], log: list[di
               *(f"{k}: {v}" for k, v in config.items()), "```", "", "## Mean relative errors over layers", ""]
     summary = layer_error_summary(log)
     parts.append(markdown_table(["error", "mean"], [[k, f"{v:.4g}"] for k, v in summary.items()]))
-    parts += ["", ("Output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2 on the calibration inputs "
+    parts += ["", ("Output errors are sum_t ||W x_t - W' x_t||^2 / sum_t ||W x_t||^2: output_error on the "
+                   "calibration tokens the layer was fitted on (in-sample, so it flatters the fit), "
+                   "output_error_heldout on held-out calibration-text tokens it never saw "
                    "(output_error_to_original: against the uncompressed model's layer output at the same token); "
                    "quant_error is relative to the float layer being quantized (quant_error_rtn: RTN on the same "
-                   "weights and Hessian). Per-layer values: quant_log.json."), ""]
+                   "weights and Hessian; quant_error_heldout: on held-out tokens). Per-layer values: "
+                   "quant_log.json."), ""]
     return "\n".join(parts)

@@ -123,7 +123,7 @@ def test_export_command(tiny_model_dir, tmp_path):
     assert run("compress", tiny_model_dir, "--out", ckpt, "--eval-tokens", "0", *FAST[:4], "--group-size", "16", "--no-train").exit_code == 0
     result = run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "export_report.json").read_text())
+    report = json.loads((tmp_path / "m.export_report.json").read_text())
     assert report["max_rel_error"] <= report["tolerance"]
     assert_one_line_error(run("export", ckpt, "--out", tmp_path / "m.onnx", "--no-cache"), "exists")
 

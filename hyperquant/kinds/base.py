@@ -44,13 +44,16 @@ class LayerStats:
 
     ``input_cov`` = sum_t x_t x_t^T. When the fit targets the uncompressed model's outputs,
     ``cross_cov`` = sum_t x_t xo_t^T and ``original_cov`` = sum_t xo_t xo_t^T pair them with the inputs
-    xo_t the original model gave the layer at the same token.
+    xo_t the original model gave the layer at the same token. ``heldout_cov`` is the same sum over
+    held-out tokens that the fit never sees (None without them): errors measured on it are honest.
     """
 
     input_cov: torch.Tensor
     tokens: int = 0
     cross_cov: torch.Tensor | None = None
     original_cov: torch.Tensor | None = None
+    heldout_cov: torch.Tensor | None = None
+    heldout_tokens: int = 0
 
 
 class NoExport(HyperquantError):

@@ -104,7 +104,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Te
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Tensor) -> float:
-    return output_error(weight, approx, input_cov) / max(quadratic_form(weight, input_cov), 1e-30)
+    # An error is never negative; fp32 per-batch sums make S slightly indefinite, so an error below their
+    # precision can come out at -1e-8 (seen with 8 calibration tokens): that reads as 0.
+    return max(output_error(weight, approx, input_cov), 0.0) / max(quadratic_form(weight, input_cov), 1e-30)
 
 
 def relative_error_to_original(

@@ -248,7 +248,9 @@ def layer_figure(path: Path, points: Sequence[Mapping[str, Any]], chosen: list[i
         p = points[i]
         xs, ys = [], []
         for layer in p.get("layers") or []:
-            v = metric(layer, "output_error")
+            # the error on held-out calibration tokens where the point has it: in-sample errors flatter
+            v = metric(layer, "output_error_heldout")
+            v = metric(layer, "output_error") if v is None else v
             if v is not None and v > 0:
                 xs.append(pos[layer.get("name")])
                 ys.append(v)

@@ -100,7 +100,7 @@ def _draw_figures(ok: list[Mapping[str, Any]], out_dir: Path, model: str, machin
     rest = sorted((i for i in with_layers if i not in chosen),
                   key=lambda i: (metric(ok[i], PPL) is None, metric(ok[i], PPL) or 0.0, i))
     chosen = (chosen + rest)[:MAX_LAYER_POINTS]
-    layer_title = (f"Per-layer relative output error — {model}\n"
+    layer_title = (f"Per-layer relative output error on held-out calibration tokens — {model}\n"
                    f"{len(chosen)} of {len(with_layers)} points with layer data, frontier points first")
     if chosen:
         layer_figure(paths["layer_errors"], ok, chosen, layer_title, styles)

@@ -20,7 +20,9 @@ from hyperquant.quant.packing import SUPPORTED_BITS
 
 BASELINE_METHODS = ("bnb-nf4", "gptqmodel")
 QUANTIZERS = ("rtn", "gptq")
-SWEEP_VERSION = 3  # bump when the measurement itself changes (3: whole-model points, fused-graph latency)
+# bump when the measurement itself changes (3: whole-model points, fused-graph latency; 4: held-out
+# per-layer errors)
+SWEEP_VERSION = 4
 # The calibration fields a sweep sets for every point (SweepConfig.calib_samples / calib_seq_len).
 _SWEEP_CALIB = ("calib_samples", "calib_seq_len")
 _FAMILY_OF_KIND = {"dense-quant": "dense", "phm-float": "phm", "phm-quant": "phm"}

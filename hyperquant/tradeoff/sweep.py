@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hyperquant.atomic import atomic_output_dir, check_output_dir, write_json_atomic
+from hyperquant.config import CompressConfig
 from hyperquant.errors import HyperquantError
 from hyperquant.models import model_identity
 from hyperquant.tradeoff.spec import PointSpec, SweepConfig
@@ -44,6 +45,7 @@ class Context:
     model: nn.Module
     tokenizer: object
     calib: torch.Tensor
+    heldout: torch.Tensor | None  # calibration-text sequences never fitted on: the per-layer errors' data
     eval_ids: torch.Tensor
     protocol: object
     cache: Path
@@ -80,7 +82,8 @@ def _dtype_bytes(name: str) -> int:
 
 
 def _layer_errors(log: list[dict]) -> list[dict]:
-    return [{"name": r["name"], "output_error": r.get("output_error")} for r in log if "name" in r]
+    return [{"name": r["name"], "output_error": r.get("output_error"),
+             "output_error_heldout": r.get("output_error_heldout")} for r in log if "name" in r]
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -91,6 +94,7 @@ def _build_hyperquant(spec: PointSpec, ctx: Context, folder: Path) -> tuple[nn.M
     # perplexity is measured below for every kind of point alike, so the job measures size only
     result = compress_to_folder(copy.deepcopy(ctx.model), ctx.tokenizer, ccfg, folder, source=str(ctx.source),
                                 calib=ctx.calib if ccfg.needs_calibration else None, evaluation=Evaluation(),
+                                heldout=ctx.heldout if ccfg.needs_calibration else None,
                                 overwrite=True, label=ctx.cfg.label_of(spec), progress=False)
     return result.model, _layer_errors(result.log), result.seconds
 
@@ -238,7 +242,7 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- running
 def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     from hyperquant.convert import find_ffn_linears, linear_weight
-    from hyperquant.data import calibration_ids, eval_tokens
+    from hyperquant.data import calibration_split, eval_tokens
     from hyperquant.evals import PerplexityProtocol
     from hyperquant.models import load_model, resolve_source
 
@@ -247,9 +251,9 @@ def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     model.eval()
     ffn = find_ffn_linears(model, None)
     needed = max(cfg.eval_tokens, cfg.prompt_tokens + cfg.decode_tokens)
+    calib, heldout = calibration_split(tokenizer, cfg.calib_samples, CompressConfig.heldout_samples, cfg.calib_seq_len)
     return Context(
-        cfg=cfg, source=source, model=model, tokenizer=tokenizer,
-        calib=calibration_ids(tokenizer, cfg.calib_samples, cfg.calib_seq_len),
+        cfg=cfg, source=source, model=model, tokenizer=tokenizer, calib=calib, heldout=heldout,
         eval_ids=eval_tokens(tokenizer, needed),
         protocol=PerplexityProtocol(context=cfg.eval_context, stride=cfg.eval_context, num_tokens=cfg.eval_tokens),
         cache=cache, ffn_names=list(ffn),

@@ -24,10 +24,20 @@ def train_command(model: str | None = None, config: str | os.PathLike | None = N
 
     Wire as: ``hyperquant train [MODEL] --config train.yaml [--output-dir D] [--max-steps N]
     [--resume/--no-resume]``. Raises HyperquantError (incl. ConfigError) for user mistakes."""
+    from hyperquant.errors import HyperquantError
+    from hyperquant.models import resolve_source
     from hyperquant.train.runner import train
 
     cfg = load_train_config(config, {**(overrides or {}), "output_dir": output_dir, "max_steps": max_steps,
                                      "resume": resume})
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HyperquantError(f"--output-dir {run_dir} is a file; the run folder holds checkpoints and logs: choose "
+                              f"another --output-dir")
+    from hyperquant.atomic import check_writable_parent
+
+    check_writable_parent(run_dir / "final")
+    resolve_source(model)  # a wrong path fails before any work
     summary = train(model, cfg)
     if print_summary and summary.get("eval") is not None:
         from rich.console import Console

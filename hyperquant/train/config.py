@@ -35,14 +35,15 @@ class TrainConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     # data and optimization
     seq_len: int = 256
-    # calibration-split sequences of seq_len tokens used as training text (512k tokens: a 30-minute CPU
-    # run reads about a third of it, so no sequence is seen twice)
+    # calibration-split sequences of seq_len tokens used as training text (512k tokens: the default budget
+    # reads 40 % of it, so no sequence is seen twice)
     train_samples: int = 2048
     data_seed: int = 0
     per_device_batch_size: int = 4
     grad_accum_steps: int = 1
-    # The schedule's shape is stated for max_steps; a time-budgeted run stretches or shrinks it.
-    max_steps: int = 100
+    # The schedule's shape is stated for max_steps (200 steps x 1024 tokens: `hyperquant compress`'s
+    # default budget); a token budget of another size or a time budget stretches or shrinks it.
+    max_steps: int = 200
     # Time budget (minutes) of the optimizer steps. The first step is timed and the run is re-planned to
     # the steps that fit: max_steps and every step-valued option below (warmup, fade, Stage B, QAT start,
     # save/eval intervals) are scaled by the same factor, so the schedule keeps its shape.
@@ -51,7 +52,7 @@ class TrainConfig:
     lr: float = 5e-4
     lora_lr: float | None = None  # None = lr
     weight_decay: float = 0.0
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     lr_schedule: str = "cosine"
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # "bf16" / "fp16" where the accelerator supports it
@@ -66,7 +67,7 @@ class TrainConfig:
     # residual interpolation: the PHM branch fades in over the first 30 % of the steps (cosine, bottom-up
     # stagger), then Stage B keeps only the PHM layers
     alpha_schedule: str = "cosine"
-    fade_steps: int = 30
+    fade_steps: int = 60
     stagger: float = 0.5  # 0: all layers fade together; s in (0, 1): layer l starts at s * fade * l / (L - 1)
     stage_b_step: int | None = None  # drop the dense branches at this step; None = fade_steps
     # losses: KD from a frozen dense copy and a light reconstruction term
@@ -94,7 +95,7 @@ class TrainConfig:
     lora_include_o: bool = False
     # runner
     output_dir: str = "hyperquant-train"
-    save_every: int = 10  # 0 = only the final checkpoint
+    save_every: int = 20  # 0 = only the final checkpoint
     resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
     eval_every: int = 0  # 0 = only at the end
     eval_tokens: int = 2048

@@ -15,6 +15,7 @@ from hyperquant.errors import HyperquantError
 from hyperquant.kinds import kind_of_entry
 from hyperquant.kinds.phm import phm_float_module, quantize_phm
 from hyperquant.linalg import quadratic_form
+from hyperquant.phm.projection import relative_output_error
 from hyperquant.pipeline import FORMAT_VERSION, input_covariances, round_rest
 from hyperquant.plan import plan_to_dict
 from hyperquant.quant.modules import QuantPHMLinear
@@ -53,7 +54,7 @@ def compress_config_for(cfg: TrainConfig, model: nn.Module) -> CompressConfig:
                                calib_seq_len=cfg.seq_len)
 
 
-def _compress_rest(model: nn.Module, ccfg, calib_ids) -> dict:
+def _compress_rest(model: nn.Module, ccfg, calib_ids, heldout_ids=None) -> dict:
     """What the compress config gives the layers training does not touch (attention, the LM head, the
     embedding table), compressed by the same pipeline as `hyperquant compress`, on the trained model."""
     from hyperquant.pipeline import compress
@@ -65,13 +66,16 @@ def _compress_rest(model: nn.Module, ccfg, calib_ids) -> dict:
     if calib_ids is None and any(kind_of_entry(e).needs_calibration(e) for e in rest.values()):
         raise HyperquantError("compressing attention and the LM head with GPTQ needs calibration tokens; pass "
                               "calib_ids to finalize (or set compress.scope: ffn)")
-    compress(model, ccfg, calib_ids, progress=False, plan=rest)
+    compress(model, ccfg, calib_ids, progress=False, plan=rest, heldout_inputs=heldout_ids)
     return {"plan": rest, "log": model.hyperquant_log}
 
 
-def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: dict | None = None) -> nn.Module:
+def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: dict | None = None,
+             heldout_ids=None) -> nn.Module:
     """In place: merge LoRA, drop dense branches, replace every interpolated layer by its quantized PHM
-    layer (or float PHMLinear when bits is None), and set ``model.config.hyperquant`` like `compress`."""
+    layer (or float PHMLinear when bits is None), and set ``model.config.hyperquant`` like `compress`.
+    ``heldout_ids``: calibration-text rows training and the export never saw; each quantized layer's
+    error against its trained float weights is also measured on them (``quant_error_heldout``)."""
     start = time.perf_counter()
     model.eval()
     merge_lora(model)
@@ -81,28 +85,34 @@ def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: 
         raise HyperquantError("the model holds no PHM training layers to export")
     ccfg = compress_config_for(cfg, model)
     plan = {name: ccfg.entry_for(name) for name in layers}
-    covs = {}
+    covs, heldout = {}, {}
     if ccfg.bits is not None and calib_ids is not None:
         covs = input_covariances(model, layers, calib_ids)
+    if ccfg.bits is not None and heldout_ids is not None:
+        heldout = input_covariances(model, layers, heldout_ids)
     log = []
     for name, m in layers.items():
         record = {"name": name, "in_features": m.phm.in_features, "out_features": m.phm.out_features,
                   **plan[name].to_dict(), "trained": True}
-        set_module(model, name, _final_module(m, plan[name], covs.get(name), record))
+        new = _final_module(m, plan[name], covs.get(name), record)
+        if name in heldout:
+            record["quant_error_heldout"] = relative_output_error(
+                m.phm.effective_weight().detach().float().cpu(), new.effective_weight(), heldout[name])
+        set_module(model, name, new)
         log.append(record)
     round_rest(model, set(layers), cfg.compress.rest_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    rest = _compress_rest(model, ccfg, calib_ids)  # attention, LM head, embeddings (scope "model")
+    rest = _compress_rest(model, ccfg, calib_ids, heldout_ids)  # attention, LM head, embeddings (scope "model")
     plan.update(rest.get("plan", {}))
     log += rest.get("log", [])
     model.config.hyperquant = {
         "format_version": FORMAT_VERSION,
         "compress_config": ccfg.to_dict(),
         "plan": plan_to_dict(plan),
-        "compress_time_s": time.perf_counter() - start,
         "train_config": cfg.to_dict(),
         **({"train_summary": train_summary} if train_summary else {}),
     }
     model.hyperquant_log = log
+    model.hyperquant_seconds = time.perf_counter() - start  # not in config.json: the checkpoint stays reproducible
     return model

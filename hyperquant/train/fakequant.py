@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hyperquant.quant.qtensor import QuantizedWeight
-from hyperquant.quant.rtn import group_qparams, rtn_quantize
+from hyperquant.quant.rtn import group_qparams, nonzero_scale, rtn_quantize
 
 
 def _groups(cols: int, group_size: int) -> list[slice]:
@@ -62,7 +62,10 @@ class FakeQuantizer(nn.Module):
         maxq = 2**self.bits - 1
         parts = []
         for g, sl in enumerate(_groups(self.cols, self.group_size)):
-            scale = self.scales[:, g : g + 1].abs().clamp_min(2.0**-24)
+            scale = nonzero_scale(self.scales[:, g : g + 1])  # symmetric grids have signed scales
+            # the fp16 value the export stores, with a straight-through gradient: training computes exactly
+            # the grid the checkpoint will have (fp32 scales flipped 0.036 % of the codes at export)
+            scale = scale + (nonzero_scale(scale.to(torch.float16).float()) - scale).detach()
             zero = self.zeros[:, g : g + 1]
             q = torch.clamp(round_ste(w[:, sl] / scale) + zero, 0, maxq)
             parts.append((q - zero) * scale)
@@ -78,7 +81,7 @@ class FakeQuantizer(nn.Module):
         maxq = 2**self.bits - 1
         groups = _groups(self.cols, self.group_size)
         codes = torch.empty(self.rows, self.cols, dtype=torch.uint8)
-        scales = self.scales.detach().abs().float().to(torch.float16).float().clamp_min(2.0**-24)
+        scales = nonzero_scale(nonzero_scale(self.scales.detach().float()).to(torch.float16).float())
         for g, sl in enumerate(groups):
             q = torch.clamp(torch.round(w[:, sl] / scales[:, g : g + 1]) + self.zeros[:, g : g + 1], 0, maxq)
             codes[:, sl] = q.to(torch.uint8)

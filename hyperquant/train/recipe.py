@@ -1,8 +1,12 @@
 """The training behind `hyperquant compress` (PHM layers are trained by default).
 
 The recipe is TrainConfig's defaults; `compress_train_config` only adds what the command says: the
-CompressConfig of the layers, the time budget, the work folder and QAT (which starts at 60 % of the steps
+CompressConfig of the layers, the budget, the work folder and QAT (which starts at 60 % of the steps
 and exports on the QAT grid, RTN, so the checkpoint computes what was trained).
+
+The budget is a number of training tokens by default: seeded, the same command gives the same model on
+any machine. A time budget (``--train-minutes``) fits as many steps as the machine manages, so its
+result depends on the machine and its load.
 """
 
 from __future__ import annotations
@@ -12,15 +16,24 @@ import dataclasses
 from hyperquant.config import CompressConfig, ConfigError
 from hyperquant.train.config import TrainConfig
 
-DEFAULT_MINUTES = 30.0
-DEFAULT_STEPS = TrainConfig.max_steps
+DEFAULT_STEPS = TrainConfig.max_steps  # the step count the recipe's schedule is stated for
+# 200 optimizer steps of 4 x 256 tokens (204,800): about 27 minutes of steps on 2 idle CPU cores for the
+# default model
+DEFAULT_TOKENS = DEFAULT_STEPS * TrainConfig.per_device_batch_size * TrainConfig.grad_accum_steps * TrainConfig.seq_len
 QAT_START_FRACTION = 0.6
 
 
-def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float | None = DEFAULT_MINUTES,
-                          qat: bool = False, overrides: dict | None = None) -> TrainConfig:
-    """The TrainConfig that trains the PHM layers ``cfg`` describes for about ``minutes`` of steps
-    (None: exactly DEFAULT_STEPS, or overrides['max_steps']), then quantizes them as ``cfg`` says."""
+def tokens_per_step(tcfg: TrainConfig) -> int:
+    return tcfg.per_device_batch_size * tcfg.grad_accum_steps * tcfg.seq_len
+
+
+def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float | None = None,
+                          qat: bool = False, overrides: dict | None = None,
+                          tokens: int | None = DEFAULT_TOKENS) -> TrainConfig:
+    """The TrainConfig that trains the PHM layers ``cfg`` describes on ``tokens`` training tokens (the
+    recipe's schedule scaled to the steps they make), or for about ``minutes`` of steps (a time budget:
+    not reproducible), then quantizes them as ``cfg`` says. With neither, or when ``overrides`` sets
+    max_steps, the steps are the overrides' / the recipe's."""
     if cfg.n < 2:
         raise ConfigError("training applies to PHM layers (n >= 2); dense quantization (n=1) has nothing to train")
     if cfg.learn_bases or cfg.init != "activation":
@@ -30,6 +43,8 @@ def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float |
         raise ConfigError("--qat needs --bits")
     if minutes is not None and minutes <= 0:
         raise ConfigError(f"--train-minutes={minutes} must be > 0")
+    if tokens is not None and tokens <= 0:
+        raise ConfigError(f"--train-tokens={tokens} must be > 0")
     values = {
         "compress": dataclasses.replace(cfg, method="rtn") if qat else cfg,
         "max_minutes": minutes,
@@ -38,4 +53,11 @@ def compress_train_config(cfg: CompressConfig, output_dir: str, minutes: float |
         "progress": True,
     }
     values.update(overrides or {})
-    return TrainConfig.from_dict(values)
+    tcfg = TrainConfig.from_dict(values)
+    if minutes is None and tokens is not None and "max_steps" not in (overrides or {}):
+        per_step = tokens_per_step(tcfg)
+        if tokens < per_step:
+            raise ConfigError(f"--train-tokens={tokens} is less than one step of {per_step} tokens "
+                              f"(per_device_batch_size x grad_accum_steps x seq_len); give at least {per_step}")
+        tcfg = tcfg.scaled_to(tokens // per_step)
+    return tcfg

@@ -348,6 +348,7 @@ class _Run:
     capacity: CapacityPlan | None = None
     fingerprint: dict | None = None
     first_step_end: float = 0.0
+    heldout_ids: torch.Tensor | None = None  # calibration rows never trained on (per-layer errors)
 
     @property
     def main(self) -> bool:
@@ -529,7 +530,8 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
         if cfg.export:
             from hyperquant.checkpoint import save_compressed
 
-            final = finalize(run.model, cfg, run.train_ids[: cfg.init_samples], {"steps": done, "final_eval": ev["ppl"]})
+            final = finalize(run.model, cfg, run.train_ids[: cfg.init_samples], {"steps": done, "final_eval": ev["ppl"]},
+                             heldout_ids=run.heldout_ids)
             summary["exported_ppl"] = validation_perplexity(final, run.eval_ids, cfg)["1"]
             summary["final_dir"] = str(save_compressed(final, run.output_dir / "final", tokenizer,
                                                        overwrite=cfg.overwrite))
@@ -562,14 +564,22 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     source = resolve_source(model_dir)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(source)
+    from hyperquant.models import check_sequence_length
+
+    check_sequence_length(model.config, cfg.seq_len, "seq_len")
     if train_ids is None:
         train_ids = calibration_ids(tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
     train_ids = train_ids[:, : cfg.seq_len]
+    heldout_ids = None
+    held = cfg.compress.heldout_samples
+    if held and cfg.export and len(train_ids) > held + cfg.init_samples:
+        # the last rows are never trained on: the export measures each layer's error on them
+        train_ids, heldout_ids = train_ids[:-held], train_ids[-held:]
     if eval_ids is None:
         eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
-    fingerprint = run_fingerprint(source, cfg, train_ids)
+    fingerprint = run_fingerprint(source, cfg, train_ids if heldout_ids is None else torch.cat([train_ids, heldout_ids]))
     state, ckpt = _resume_state(cfg, output_dir, fingerprint)
     start_step = state["step"] if state else 0
     # A budgeted run re-plans its steps from their measured time; a resumed one keeps the schedule its
@@ -597,7 +607,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher, trainable=trainable,
                train_ids=train_ids, eval_ids=eval_ids, output_dir=output_dir, layer_bases=layer_bases,
                history=list(state.get("history", [])) if state else [], log=RunLog(output_dir, main, start_step),
-               start_step=start_step, replans=replans, capacity=capacity, fingerprint=fingerprint)
+               start_step=start_step, replans=replans, capacity=capacity, fingerprint=fingerprint,
+               heldout_ids=heldout_ids)
 
     bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
     if start_step == 0 and main and cfg.eval_every:

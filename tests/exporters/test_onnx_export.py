@@ -11,13 +11,13 @@ import onnx
 import pytest
 import torch
 from hyperquant.exporters import (
-    REPORT_NAME,
     OnnxCausalLM,
     export_checkpoint,
     export_command,
     export_dense,
     export_ort_rtn,
     generate_ids,
+    report_path,
 )
 
 import hyperquant
@@ -41,7 +41,7 @@ def exported_phm4(phm4_checkpoint, tmp_path_factory):
 
 def test_export_writes_model_and_report(exported_phm4):
     out, report = exported_phm4
-    saved = json.loads((out.parent / REPORT_NAME).read_text())
+    saved = json.loads(report_path(out).read_text())
     assert saved["passed"] and saved == json.loads(json.dumps(report))
     assert set(saved["parity"]) == {"random_prefill", "random_decode"}
     assert saved["max_rel_error"] < 1e-4

@@ -121,11 +121,37 @@ def test_compress_trains_by_default_and_publishes_one_folder(tiny_model_dir, tmp
     assert ppl == pytest.approx(summary["rows"][1]["perplexity"], rel=1e-6)
 
 
+def test_token_budget_gives_byte_identical_checkpoints(tiny_model_dir, tmp_path):
+    """The default budget is tokens: the same command twice gives the same checkpoint, byte for byte
+    (timings live in quant_log.json and summary.json, not in the weights or config.json)."""
+    yaml_file = tmp_path / "small.yaml"
+    yaml_file.write_text("seq_len: 32\ntrain_samples: 24\nper_device_batch_size: 2\ninit_samples: 4\n"
+                         "save_every: 2\nnum_threads: 1\nprogress: false\neval_tokens: 128\neval_context: 64\n")
+    out, runs = tmp_path / "ckpt", []
+    for again in (False, True):
+        result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--group-size", "16",
+                                          "--eval-tokens", "128", "--train-tokens", "320",
+                                          "--train-config", str(yaml_file), *(["--overwrite"] if again else [])])
+        assert result.exit_code == 0, result.output
+        runs.append({name: (out / name).read_bytes() for name in ("model.safetensors", "config.json")})
+    section = json.loads(runs[0]["config.json"])["hyperquant"]
+    assert section["train_config"]["max_steps"] == 5 and section["train_config"]["max_minutes"] is None
+    for name in runs[0]:
+        assert runs[0][name] == runs[1][name], name
+    log = json.loads((out / "quant_log.json").read_text())
+    trained = [r for r in log if r.get("trained")]
+    assert trained and all(0 <= r["quant_error_heldout"] < 1 for r in trained)
+    rest = [r for r in log if r["kind"] == "dense-quant"]
+    assert rest and all(r["output_error_heldout"] >= 0 and r["output_error"] >= 0 for r in rest)
+
+
 def test_compress_training_errors(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     cases = [(["--train-config", str(bad)], "unknown training option"),
              (["--train-minutes", "-1"], "must be > 0"),
+             (["--train-tokens", "0"], "must be > 0"),
+             (["--train-tokens", "100", "--train-minutes", "3"], "two budgets"),
              (["--no-train", "--qat"], "--qat trains"),
              (["--learn-bases"], "--no-train")]
     for args, message in cases:

@@ -48,3 +48,20 @@ def test_qat_layer_equals_the_exported_quantized_layer(learn):
     qw = layer.quantizer.quantized(a.detach())
     exported = QuantPHMLinear.from_quantized(qw, phm.bases, 64, phm.bias.detach())
     torch.testing.assert_close(layer(x), exported(x), atol=1e-5, rtol=1e-5)
+
+
+def test_learned_scales_train_on_the_exported_fp16_grid():
+    """After an optimizer step the learned scales are no longer fp16 values; the forward must still use
+    the fp16 scales the export stores, so that no code flips between training and the checkpoint."""
+    torch.manual_seed(3)
+    w = torch.randn(64, 256, requires_grad=True)
+    fq = FakeQuantizer(64, 256, 4, 32, learn_scales=True)
+    fq.enable(w.detach())
+    with torch.no_grad():
+        fq.scales.mul_(1 + 1e-4 * torch.randn_like(fq.scales))  # an update off the fp16 grid
+    assert not torch.equal(fq.scales.half().float(), fq.scales)
+    trained = fq(w).detach()
+    exported = fq.quantized(w.detach()).dequantize()
+    assert torch.equal(trained, exported)  # bit for bit, every code and scale
+    (fq(w) * torch.randn(64, 256)).sum().backward()
+    assert fq.scales.grad.abs().sum() > 0  # the rounding passes the gradient straight through
