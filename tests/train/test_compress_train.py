@@ -83,10 +83,11 @@ def test_budgeted_run_resumes_with_its_schedule(tiny_model_dir, tmp_path):
     cfg = TrainConfig(**TINY, max_steps=2, fade_steps=1, warmup_steps=0, save_every=1, eval_every=0,
                       max_minutes=0.1, export=False, output_dir=str(tmp_path / "run"))
     stopped = train(str(tiny_model_dir), cfg, stop_after=3)
-    planned = _plans(tmp_path / "run")[-1]["max_steps"]
+    plans = _plans(tmp_path / "run")  # one plan, or two on a machine slow enough to reach 25 % by step 3
+    planned = plans[-1]["max_steps"]
     assert stopped["steps"] == 3 < planned
     done = train(str(tiny_model_dir), cfg)  # resumes; must not re-plan from a new timing
-    assert done["steps"] == planned and len(_plans(tmp_path / "run")) == 1
+    assert done["steps"] == planned and _plans(tmp_path / "run") == plans
 
 
 def test_compress_trains_by_default_and_publishes_one_folder(tiny_model_dir, tmp_path):
