@@ -172,15 +172,19 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     from hyperquant.data import eval_tokens as held_out_tokens
     from hyperquant.evals import PerplexityProtocol
     from hyperquant.job import Evaluation, compress_to_folder, measure
-    from hyperquant.models import check_sequence_length, load_model, resolve_source, source_bytes
+    from hyperquant.models import check_sequence_length, load_model, resolve_source
     from hyperquant.plan import resolve_plan
     from hyperquant.report import SUMMARY_COLUMNS, summary_rows
 
     source = resolve_source(model_arg)
-    # a compressed checkpoint is smaller than its source's weights; training adds its work folder
-    check_free_space(out_dir, source_bytes(source) // (2 if train_cfg is None else 1), "the compressed checkpoint")
     log.info("loading %s", source)
     model, tokenizer = load_model(source)
+    # Generous estimates from the parameter count: a compressed checkpoint stores under a byte per
+    # parameter (0.4 for the default model, 1 with the rest in fp16); a training run's work folder keeps
+    # two checkpoints of the trained factors with their optimizer moments (fp32, three tensors each).
+    params = sum(p.numel() for p in model.parameters())
+    check_free_space(out_dir, params * (1 if train_cfg is None else 8),
+                     "the compressed checkpoint" if train_cfg is None else "the training run and its checkpoint")
     plan = resolve_plan(model, cfg)  # shape errors (n not dividing a layer) before any long work
     if cfg.needs_calibration and train_cfg is None:
         from hyperquant.pipeline import check_calibration_size

@@ -162,13 +162,6 @@ def check_sequence_length(config, length: int, option: str) -> None:
                               f"(max_position_embeddings); use {option} {limit} or less")
 
 
-def source_bytes(source: ModelSource) -> int:
-    """Bytes of the model's weight files."""
-    if source.gguf_file:
-        return (source.folder / source.gguf_file).stat().st_size
-    return sum(p.stat().st_size for p in source.folder.glob("*.safetensors"))
-
-
 def model_identity(source: ModelSource) -> str:
     """A string that changes when the model's files do (path, sizes and modification times)."""
     folder = Path(source.folder)
