@@ -98,7 +98,7 @@ def compress(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
     train: Annotated[bool, typer.Option("--train/--no-train", help="PHM layers: distil them from the dense model before quantizing (default; post-training alone leaves PHM unusable). --no-train: post-training only")] = True,
-    train_tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default 204800: 200 steps, about 27 min of "
+    train_tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default 204800: 200 steps, 30-50 min of "
                                                           "steps on 2 CPU cores; the same command gives the same model)")] = None,
     train_minutes: Annotated[float | None, typer.Option(help="A time budget for the training steps instead, in minutes (as many "
                                                              "steps as fit: the result depends on the machine)")] = None,

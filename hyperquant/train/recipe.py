@@ -17,8 +17,8 @@ from hyperquant.config import CompressConfig, ConfigError
 from hyperquant.train.config import TrainConfig
 
 DEFAULT_STEPS = TrainConfig.max_steps  # the step count the recipe's schedule is stated for
-# 200 optimizer steps of 4 x 256 tokens (204,800): about 27 minutes of steps on 2 idle CPU cores for the
-# default model
+# 200 optimizer steps of 4 x 256 tokens (204,800): 8-15 s a step on 2 CPU cores for the default model, so
+# 30-50 minutes of steps
 DEFAULT_TOKENS = DEFAULT_STEPS * TrainConfig.per_device_batch_size * TrainConfig.grad_accum_steps * TrainConfig.seq_len
 QAT_START_FRACTION = 0.6
 
