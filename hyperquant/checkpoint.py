@@ -20,7 +20,7 @@ from torch import nn
 
 from hyperquant.atomic import atomic_output_dir
 from hyperquant.convert import set_module
-from hyperquant.errors import HyperquantError
+from hyperquant.errors import HyperquantError, first_line
 from hyperquant.kinds import kind_named, kind_of
 from hyperquant.pipeline import FORMAT_VERSION
 
@@ -171,9 +171,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     except HyperquantError:
         raise
     except Exception as e:  # noqa: BLE001 - a tampered spec or torn file fails anywhere in torch or transformers
-        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise HyperquantError(f"{folder}: the checkpoint is damaged or does not match its config.json "
-                              f"({type(e).__name__}: {text}); re-create it with `hyperquant compress`") from None
+                              f"({type(e).__name__}: {first_line(e)}); re-create it with `hyperquant compress`") from None
 
 
 def _load(folder: Path) -> nn.Module:
@@ -196,8 +195,8 @@ def _load(folder: Path) -> nn.Module:
     try:
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for torn files
-        raise HyperquantError(f"{weights} is damaged ({str(e).strip()[:200] or type(e).__name__}); re-create the "
-                              f"checkpoint with `hyperquant compress`") from None
+        raise HyperquantError(f"{weights} is damaged ({first_line(e, 200)}); re-create the checkpoint with "
+                              f"`hyperquant compress`") from None
     expected = model.state_dict()
     for key, value in state.items():
         if key in expected and expected[key].is_floating_point():

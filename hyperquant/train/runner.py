@@ -570,6 +570,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     if train_ids is None:
         train_ids = calibration_ids(tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
     train_ids = train_ids[:, : cfg.seq_len]
+    fingerprint = run_fingerprint(source, cfg, train_ids)  # of all the rows, held-out ones included
     heldout_ids = None
     held = cfg.compress.heldout_samples
     if held and cfg.export and len(train_ids) > held + cfg.init_samples:
@@ -579,7 +580,6 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
-    fingerprint = run_fingerprint(source, cfg, train_ids if heldout_ids is None else torch.cat([train_ids, heldout_ids]))
     state, ckpt = _resume_state(cfg, output_dir, fingerprint)
     start_step = state["step"] if state else 0
     # A budgeted run re-plans its steps from their measured time; a resumed one keeps the schedule its
