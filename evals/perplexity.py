@@ -37,7 +37,9 @@ class PerplexityProtocol:
 def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityProtocol = PerplexityProtocol(),
                progress=None) -> dict:
     """{'perplexity', 'nll', 'predicted_tokens', **protocol} for a 1-D tensor of token ids."""
-    ids = token_ids[: protocol.num_tokens].reshape(1, -1)
+    # the ids go where the model's weights are (eval --device, a model trained on a GPU)
+    device = next((p.device for p in model.parameters()), token_ids.device)
+    ids = token_ids[: protocol.num_tokens].reshape(1, -1).to(device)
     total = ids.shape[1]
     nll_sum, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
     begin = 0

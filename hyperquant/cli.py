@@ -243,11 +243,16 @@ def eval_cmd(
     eval_tokens: Annotated[int, typer.Option(help="Tokens to score")] = 4096,
     context: Annotated[int | None, typer.Option(help="Context length of each window (default 512, or the model's positions if fewer)")] = None,
     stride: Annotated[int | None, typer.Option(help="Stride between windows (default = context: non-overlapping)")] = None,
-    latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model")] = True,
+    latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model (on the CPU)")] = True,
+    device: Annotated[str, typer.Option(help="Where perplexity runs: auto (CUDA when visible), cpu, cuda or cuda:<i>")] = "auto",
 ) -> None:
     """Perplexity, size, multiply-adds and CPU latency of a model; prints `perplexity: <float>` last."""
     import torch
     from transformers import AutoTokenizer
+
+    from hyperquant.device import resolve_device
+
+    where = resolve_device(device)
 
     from hyperquant.checkpoint import is_hyperquant_checkpoint, load
     from hyperquant.evals import PerplexityProtocol, folder_bytes, model_size, perplexity, torch_latency
@@ -291,7 +296,8 @@ def eval_cmd(
     result = {"size": size}
     if latency:
         result["latency"] = torch_latency(model, model.config.vocab_size)
-    result["perplexity"] = perplexity(model, ids, protocol)
+    result["perplexity"] = perplexity(model.to(where), ids, protocol)
+    result["device"] = str(where)
     rows = [[k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in size.items()]
     if latency:
         rows += [[k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in result["latency"].items()]
@@ -376,11 +382,17 @@ def train(
     output_dir: Annotated[str | None, typer.Option(help="Run folder (checkpoints, logs, final/)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override max_steps")] = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA when visible), cpu, cuda or cuda:<i> (overrides the YAML's device)")] = None,
 ) -> None:
     """Progressive PHM training with distillation (and optional QAT, capacity assignment, LoRA)."""
     from hyperquant.train import train_command
 
-    train_command(model, config, output_dir=output_dir, max_steps=max_steps, resume=resume)
+    if device is not None:
+        from hyperquant.device import resolve_device
+
+        resolve_device(device)  # a wrong or absent device fails before anything is loaded
+    train_command(model, config, output_dir=output_dir, max_steps=max_steps, resume=resume,
+                  overrides={"device": device})
 
 
 def _int_list(text: str, option: str) -> list[int]:

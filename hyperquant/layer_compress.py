@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hyperquant.convert import linear_bias, linear_weight
+from hyperquant.device import memory_now
 from hyperquant.errors import HyperquantError
 from hyperquant.kinds import LayerStats, PlanEntry, kind_of_entry
 from hyperquant.phm.projection import relative_error_to_original, relative_output_error
@@ -41,4 +42,5 @@ def compress_layer(name: str, module: nn.Module, entry: PlanEntry, stats: LayerS
             record["output_error_to_original"] = relative_error_to_original(
                 weight, effective, stats.input_cov, stats.cross_cov, stats.original_cov)
     record["time_s"] = time.perf_counter() - start
+    record.update(memory_now())  # where the peak of a run happens (bench_memory reads these)
     return new.to(module.weight.device), record

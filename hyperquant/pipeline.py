@@ -141,9 +141,10 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torc
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i : i + batch_size], use_cache=False)
+            model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -293,6 +294,7 @@ def compress(
             for name, module in targets.items():
                 new, record = _build_layer(model, name, module, work[name], None)
                 set_module(model, name, new)
+                targets[name] = new
                 log.append(record)
                 if bar:
                     bar.advance(task)
@@ -385,6 +387,7 @@ def _replace_calibrated(model, targets, names, plan: Plan, stats: dict, block: i
         new, record = _build_layer(model, name, targets[name], plan[name], stats[name].layer_stats())
         record["block"], record["calib_tokens"] = block, stats[name].tokens
         set_module(model, name, new)
+        targets[name] = new  # the dense layer is freed now, not when compress returns
         log.append(record)
         if bar:
             bar.update(layer_task, advance=1, description=f"quantizing {name}")
@@ -404,6 +407,7 @@ def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar,
         for name in names:
             new_module, record = _build_layer(model, name, targets[name], plan[name], None)
             set_module(model, name, new_module)
+            targets[name] = new_module
             log.append(record)
             if bar:
                 bar.update(layer_task, advance=1, description=f"quantizing {name}")

@@ -249,6 +249,10 @@ FAULTS: list[tuple[str, Callable[[Env], list], str]] = [
     ("eval-context-zero", lambda e: ["eval", e.ckpt, "--context", "0", "--no-latency"], "--context"),
     ("eval-stride-zero", lambda e: ["eval", e.ckpt, "--stride", "0", "--no-latency"], "--stride"),
     ("eval-stride-over-context", lambda e: ["eval", e.ckpt, "--stride", "600", "--no-latency"], "--stride"),
+    ("eval-device-unknown", lambda e: ["eval", e.ckpt, "--device", "tpu", "--no-latency"], "choose auto, cpu, cuda"),
+    # cuda:99: absent here (no CUDA) and on a GPU machine alike
+    ("eval-device-absent", lambda e: ["eval", e.ckpt, "--device", "cuda:99", "--no-latency"], "CUDA device"),
+    ("train-device-absent", lambda e: ["train", e.model, "--device", "cuda:99", "--output-dir", e.out()], "CUDA device"),
     ("eval-context-over-positions", lambda e: ["eval", e.ckpt, "--context", "1024", "--stride", "1024",
                                                "--no-latency"], "256 positions"),
     ("eval-text-folder", lambda e: ["eval", e.ckpt, "--text", e.tmp, "--no-latency"], "is a folder"),

@@ -58,6 +58,6 @@ def quantize_matrix(matrix: torch.Tensor, hessian: torch.Tensor | None, q: Quant
         return res.weight
     qw = rtn_quantize(matrix, q.bits, q.group_size, q.symmetric)
     if hessian is not None:
-        record["quant_error"] = quadratic_form(matrix - qw.dequantize(), hessian) / quadratic_form(matrix, hessian)
+        record["quant_error"] = quadratic_form(matrix, hessian, minus=qw.dequantize()) / quadratic_form(matrix, hessian)
     record["quant_weight_error"] = relative_weight_error(matrix, qw.dequantize())
     return qw

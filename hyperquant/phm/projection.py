@@ -47,9 +47,9 @@ def kronecker_svd(weight: torch.Tensor, n: int, num_bases: int) -> tuple[torch.T
     bases = (u[:, :k] * scale).T.reshape(k, n, n)
     factors = (s[:k, None] / scale * vh[:k]).reshape(k, out_f // n, in_f // n)
     if k < num_bases:  # rank-deficient R: pad with zero factors on orthogonal bases
-        extra = torch.zeros(num_bases - k, n, n, dtype=torch.float64)
+        extra = torch.zeros(num_bases - k, n, n, dtype=torch.float64, device=factors.device)
         bases = torch.cat([bases, extra])
-        factors = torch.cat([factors, torch.zeros(num_bases - k, out_f // n, in_f // n, dtype=torch.float64)])
+        factors = torch.cat([factors, torch.zeros(num_bases - k, out_f // n, in_f // n, dtype=torch.float64, device=factors.device)])
     return bases.to(weight.dtype), factors.to(weight.dtype)
 
 
@@ -93,14 +93,14 @@ def project_activation_aware(
     sw = (target_cov.double() @ weight.double().T).reshape(n, in_f // n, n, out_f // n)
     zy = torch.einsum("bij,jqip->bqp", bases.double(), sw).reshape(num_bases * in_f // n, out_f // n)
     lam = ridge * hz.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(hz.shape[0], dtype=hz.dtype)
+    eye = torch.eye(hz.shape[0], dtype=hz.dtype, device=hz.device)
     a_cat_t = torch.linalg.solve(hz + lam * eye, zy)
     return cat_to_factors(a_cat_t.T, num_bases).to(weight.dtype).contiguous()
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Tensor) -> float:
     """sum_t ||(W - W') x_t||^2 = tr(dW S dW^T)."""
-    return quadratic_form(weight.double() - approx.double(), input_cov)
+    return quadratic_form(weight, input_cov, minus=approx)
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, input_cov: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ class HessianNotPositiveDefinite(HyperquantError, RuntimeError):
 
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float, max_tries: int) -> tuple[torch.Tensor, float]:
     mean_diag = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(max_tries):
         chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
         if info == 0:
@@ -46,6 +46,9 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float, max_tries: int) -> tup
     )
 
 
+ROW_CHUNK = 4096  # rows are independent given H: a large matrix (the LM head) is done in slices of rows
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -56,27 +59,50 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     max_damp_tries: int = 10,
+    row_chunk: int = ROW_CHUNK,
 ) -> GPTQResult:
-    w_orig = weight.detach().double()
-    rows, cols = w_orig.shape
+    """GPTQ codes of ``weight`` (rows, cols) for the input Hessian ``hessian`` (cols, cols).
+
+    Each row's codes depend only on that row and H, so rows are processed ``row_chunk`` at a time with
+    the one Cholesky factor: the float64 working copies are of one slice, not of the whole matrix (the
+    default model's LM head, 49152 rows, peaked at 2.5 GB of them)."""
+    rows, cols = weight.shape
     h = hessian.detach().double().clone()
-    w = w_orig.clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=h.device)
+    upper, used_damp = _inverse_cholesky_upper(h[perm][:, perm], damp, max_damp_tries)
+    parts, error, rtn_error = [], 0.0, 0.0
+    for r0 in range(0, rows, row_chunk):
+        w_rows = weight.detach()[r0 : r0 + row_chunk]
+        qw = _gptq_rows(w_rows, dead, perm, upper, bits, group_size, symmetric, block_size)
+        rtn = rtn_quantize(w_rows, bits, group_size, symmetric)
+        error += quadratic_form(w_rows, hessian, minus=qw.dequantize(torch.float64))
+        rtn_error += quadratic_form(w_rows, hessian, minus=rtn.dequantize(torch.float64))
+        parts.append(qw)
+    qw = parts[0] if len(parts) == 1 else QuantizedWeight(
+        codes=torch.cat([q.codes for q in parts]), scales=torch.cat([q.scales for q in parts]),
+        zeros=torch.cat([q.zeros for q in parts]), bits=bits, group_size=group_size, symmetric=symmetric)
+    return GPTQResult(weight=qw, damp=used_damp, error=error, rtn_error=rtn_error)
 
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols)
+
+def _gptq_rows(weight: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, upper: torch.Tensor, bits: int,
+               group_size: int, symmetric: bool, block_size: int) -> QuantizedWeight:
+    """The column-by-column GPTQ sweep over some rows, with the permuted H^-1's upper Cholesky factor."""
+    w = weight.double().clone()
+    rows, cols = w.shape
+    w[:, dead] = 0.0
     w = w[:, perm]
-    h_perm = h[perm][:, perm]
-    upper, used_damp = _inverse_cholesky_upper(h_perm, damp, max_damp_tries)
 
     groups = -(-cols // group_size)
-    scales = torch.zeros(rows, groups, dtype=torch.float64)
-    zeros = torch.zeros(rows, groups, dtype=torch.float64)
-    have_params = torch.zeros(groups, dtype=torch.bool)
-    pos_of = torch.empty(cols, dtype=torch.long)
-    pos_of[perm] = torch.arange(cols)
-    codes_perm = torch.zeros(rows, cols, dtype=torch.float64)
+    on = {"device": w.device}  # on the data's device (a GPU's, when the weight and Hessian are there)
+    scales = torch.zeros(rows, groups, dtype=torch.float64, **on)
+    zeros = torch.zeros(rows, groups, dtype=torch.float64, **on)
+    have_params = [False] * groups  # a Python list: checking a device tensor would sync every column
+    pos_of = torch.empty(cols, dtype=torch.long, **on)
+    pos_of[perm] = torch.arange(cols, **on)
+    codes_perm = torch.zeros(rows, cols, dtype=torch.uint8, **on)  # codes are 0..2^bits-1: exact
+    perm_list = perm.tolist()
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -84,7 +110,7 @@ def gptq_quantize(
         err_blk = torch.zeros_like(w_blk)
         u_blk = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = int(perm[i1 + i]) // group_size
+            g = perm_list[i1 + i] // group_size
             if not have_params[g]:
                 pos = pos_of[g * group_size : min((g + 1) * group_size, cols)]
                 # Current values of the group: in-block columns are up to date in w_blk; later ones
@@ -108,18 +134,5 @@ def gptq_quantize(
 
     codes = torch.empty_like(codes_perm)
     codes[:, perm] = codes_perm
-    qw = QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scales=scales.float(),
-        zeros=zeros.to(torch.uint8),
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-    )
-    rtn = rtn_quantize(weight, bits, group_size, symmetric)
-    return GPTQResult(
-        weight=qw,
-        damp=used_damp,
-        error=quadratic_form(w_orig - qw.dequantize(torch.float64), hessian),
-        rtn_error=quadratic_form(w_orig - rtn.dequantize(torch.float64), hessian),
-    )
+    return QuantizedWeight(codes=codes, scales=scales.float(), zeros=zeros.to(torch.uint8), bits=bits,
+                           group_size=group_size, symmetric=symmetric)

@@ -26,7 +26,22 @@ class _PackedWeightMixin(nn.Module):
         if not symmetric:
             self.register_buffer("qzeros", torch.zeros(rows, -(-groups * bits // 8), dtype=torch.uint8))
         self._dequantized: torch.Tensor | None = None
+        self.compute_dtype = torch.float32  # the dtype the model was cast to (what an embedding returns)
         self._register_load_state_dict_pre_hook(self._drop_cache)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the packed weight; a dtype cast (``model.to(torch.bfloat16)``) sets the compute
+        dtype but keeps the fp16 scales as stored (bf16 would change the quantized weight), and the
+        cached dequantization is dropped (it is on the old device or in the old dtype)."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self._buffers["scales"] is not scales and self._buffers["scales"].dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(self._buffers["scales"].device)
+        probe = fn(torch.zeros((), dtype=self.compute_dtype))  # a device move keeps it, a cast changes it
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        self._dequantized = None
+        return self
 
     def _drop_cache(self, *args, **kwargs) -> None:
         self._dequantized = None
@@ -163,12 +178,12 @@ class QuantEmbedding(_PackedWeightMixin):
         self._dequantized = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.dequantized(torch.float32))
+        return nn.functional.embedding(ids, self.dequantized(self.compute_dtype))
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized table (what transformers' code reads as ``embed_tokens.weight``)."""
-        return self.dequantized(torch.float32)
+        return self.dequantized(self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "

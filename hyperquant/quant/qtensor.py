@@ -31,7 +31,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = self.codes.shape
         groups = self.scales.shape[1]
-        padded = torch.zeros(rows, groups * self.group_size, dtype=torch.float32)
+        padded = torch.zeros(rows, groups * self.group_size, dtype=torch.float32, device=self.codes.device)
         padded[:, :cols] = self.codes.float()
         grouped = padded.reshape(rows, groups, self.group_size)
         w = (grouped - self.zeros.float().unsqueeze(-1)) * self.scales.unsqueeze(-1)
@@ -55,7 +55,7 @@ class QuantizedWeight:
         rows, groups = scales.shape
         codes = unpack_codes(tensors["qweight"], bits, group_size, cols)
         if symmetric:
-            zeros = torch.full((rows, groups), 2 ** (bits - 1), dtype=torch.uint8)
+            zeros = torch.full((rows, groups), 2 ** (bits - 1), dtype=torch.uint8, device=scales.device)
         else:
             zeros = unpack_zero_points(tensors["qzeros"], bits, groups)
         return cls(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size, symmetric=symmetric)

@@ -61,9 +61,10 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     w = weight.detach().float()
     rows, cols = w.shape
     groups = -(-cols // group_size)
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
-    scales = torch.empty(rows, groups)
-    zeros = torch.empty(rows, groups, dtype=torch.uint8)
+    # on the weight's device: fake quantization runs this every training step
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(rows, groups, device=w.device)
+    zeros = torch.empty(rows, groups, dtype=torch.uint8, device=w.device)
     for g in range(groups):
         sl = slice(g * group_size, min((g + 1) * group_size, cols))
         scale, zero = group_qparams(w[:, sl], bits, symmetric)

@@ -7,6 +7,8 @@ compress` (which trains by default) and `hyperquant train` without a YAML file t
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from hyperquant.config import CompressConfig, ConfigError, from_known_fields
 
 ALPHA_SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-TEACHERS = ("self", "separate", "none")
+TEACHERS = ("dense", "self", "separate", "none")
 EXPORT_METHODS = ("gptq", "rtn")
 CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -55,7 +57,11 @@ class TrainConfig:
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
     max_grad_norm: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "no"  # "bf16" / "fp16" where the accelerator supports it
+    mixed_precision: str = "no"  # "bf16" (CPU or GPU autocast) / "fp16" (GPU only)
+    device: str = "auto"  # auto (CUDA when visible), cpu, cuda or cuda:<i>; `accelerate launch` sets it per process
+    # recompute each decoder block's activations in the backward instead of keeping them (less memory,
+    # about a third more compute); the gradients are the same
+    gradient_checkpointing: bool = False
     # PHM initialization: the activation-aware fit of compress.init, block by block on the outputs of the
     # already-PHM blocks before it (as `hyperquant compress` calibrates), i.e. fitted for alpha = 1;
     # False: every layer on dense inputs
@@ -76,7 +82,9 @@ class TrainConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 4.0
     kd_ramp: bool = True  # lambda_KD scaled by the mean alpha of the PHM layers
-    teacher: str = "separate"  # "self": the same model at alpha=0 (Stage A only); "separate": a frozen copy
+    # "dense": the model's own frozen dense weights at alpha = 0, LoRA off (kept through Stage B; no copy);
+    # "self": the same but Stage A only (Stage B frees them); "separate": a second frozen copy of the model
+    teacher: str = "dense"
     recon_weight: float = 0.1
     recon_relative: bool = True  # ||phm(x) - dense(x)||^2 / ||dense(x)||^2 instead of the plain mean square
     # QAT on A_cat at compress.bits / group_size / symmetric
@@ -154,6 +162,8 @@ class TrainConfig:
         need(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
         need(bool(self.lora_targets) or self.lora_r == 0, "lora_targets must not be empty")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1 or null")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.lower()) is not None,
+             f"device={self.device!r} must be auto, cpu, cuda or cuda:<index>")
         need(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0 or null")
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0")
         need(all(0.0 <= a <= 1.0 for a in self.eval_alphas), "eval_alphas must lie in [0, 1]")

@@ -39,10 +39,22 @@ class FakeQuantizer(nn.Module):
         self.rows, self.cols, self.bits, self.group_size = rows, cols, bits, group_size
         self.symmetric, self.learn_scales = symmetric, learn_scales
         groups = len(_groups(cols, group_size))
+        # the buffer is the checkpointed state; the forward reads a Python copy of it (reading a GPU
+        # tensor every step would synchronize the device)
         self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
+        self._on = False
+        self._register_load_state_dict_pre_hook(self._read_enabled)
         if learn_scales:
             self.scales = nn.Parameter(torch.ones(rows, groups))
             self.register_buffer("zeros", torch.zeros(rows, groups))
+
+    def _read_enabled(self, state_dict, prefix, *args) -> None:
+        if prefix + "enabled" in state_dict:
+            self._on = bool(state_dict[prefix + "enabled"])
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._on
 
     @torch.no_grad()
     def enable(self, w: torch.Tensor) -> None:
@@ -53,9 +65,10 @@ class FakeQuantizer(nn.Module):
                 self.scales[:, g] = scale
                 self.zeros[:, g] = zero
         self.enabled.fill_(True)
+        self._on = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not bool(self.enabled):
+        if not self._on:
             return w
         if not self.learn_scales:
             return fake_quantize(w, self.bits, self.group_size, self.symmetric)
@@ -80,12 +93,12 @@ class FakeQuantizer(nn.Module):
         w = w.detach().float()
         maxq = 2**self.bits - 1
         groups = _groups(self.cols, self.group_size)
-        codes = torch.empty(self.rows, self.cols, dtype=torch.uint8)
+        codes = torch.empty(self.rows, self.cols, dtype=torch.uint8, device=w.device)
         scales = nonzero_scale(nonzero_scale(self.scales.detach().float()).to(torch.float16).float())
         for g, sl in enumerate(groups):
             q = torch.clamp(torch.round(w[:, sl] / scales[:, g : g + 1]) + self.zeros[:, g : g + 1], 0, maxq)
             codes[:, sl] = q.to(torch.uint8)
-        return QuantizedWeight(codes, scales, self.zeros.detach().to(torch.uint8).cpu(), self.bits,
+        return QuantizedWeight(codes, scales, self.zeros.detach().to(torch.uint8), self.bits,
                                self.group_size, self.symmetric)
 
     def extra_repr(self) -> str:

@@ -20,7 +20,8 @@ class InterpolatedLinear(nn.Module):
     """y = (1 - alpha) dense(x) + alpha phm(x), with the dense linear frozen.
 
     alpha = 0 returns dense(x) exactly (the PHM branch is not run); once the dense branch is dropped
-    (`drop_dense`, Stage B) the layer is phm(x). While both branches run, the reconstruction error
+    (`drop_dense`, Stage B) the layer is phm(x); with ``keep_teacher`` the frozen dense branch stays for the
+    distillation teacher only (`fixed_alpha(model, 0)` runs it; the student never does). While both branches run, the reconstruction error
     ||phm(x) - dense(x)||^2 of the last forward is kept in ``last_recon`` (when ``track_recon``).
     A_cat goes through ``quantizer`` (fake quantization for QAT) whenever it is enabled.
     """
@@ -39,6 +40,7 @@ class InterpolatedLinear(nn.Module):
         self.track_recon = False
         self.recon_relative = True
         self.last_recon: torch.Tensor | None = None
+        self.teacher_only = False  # Stage B with the dense teacher: dense kept, used only at alpha = 0
 
     def phm_a_cat(self) -> torch.Tensor:
         a_cat = self.phm.a_cat
@@ -50,9 +52,9 @@ class InterpolatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = float(self.alpha)
         self.last_recon = None
-        if self.dense is None:
+        if self.dense is None or (self.teacher_only and alpha > 0.0):
             return self.phm_out(x)
-        if alpha <= 0.0 and not (self.track_recon and self.training):
+        if self.teacher_only or alpha <= 0.0 and not (self.track_recon and self.training):
             return self.dense(x)
         dense_y = self.dense(x)
         phm_y = self.phm_out(x)
@@ -67,12 +69,21 @@ class InterpolatedLinear(nn.Module):
         # recon loss would be marked ready twice (a staggered fade has such layers in every early step).
         return dense_y + alpha * (phm_y - dense_y)
 
-    def drop_dense(self) -> None:
-        self.dense = None
+    def drop_dense(self, keep_teacher: bool = False) -> None:
+        if keep_teacher and self.dense is not None:
+            self.teacher_only = True
+        else:
+            self.dense, self.teacher_only = None, False
         self.last_recon = None
 
+    @property
+    def student_dense(self) -> bool:
+        """Whether the student still runs the dense branch (Stage A)."""
+        return self.dense is not None and not self.teacher_only
+
     def extra_repr(self) -> str:
-        return f"alpha={float(self.alpha):.3f}, dense={'dropped' if self.dense is None else 'kept'}"
+        state = "dropped" if self.dense is None else "teacher only" if self.teacher_only else "kept"
+        return f"alpha={float(self.alpha):.3f}, dense={state}"
 
 
 def interpolated_layers(model: nn.Module) -> dict[str, InterpolatedLinear]:
@@ -125,7 +136,7 @@ def set_alphas(model: nn.Module, step: float, fade_steps: int, schedule: str, st
     num_blocks = max(m.layer_index for m in layers.values()) + 1
     alphas = []
     for m in layers.values():
-        m.alpha = 1.0 if m.dense is None else layer_alpha(step, m.layer_index, num_blocks, fade_steps, schedule, stagger)
+        m.alpha = 1.0 if not m.student_dense else layer_alpha(step, m.layer_index, num_blocks, fade_steps, schedule, stagger)
         alphas.append(m.alpha)
     return sum(alphas) / len(alphas)
 
@@ -144,20 +155,30 @@ def fixed_alpha(model: nn.Module, alpha: float) -> Iterator[None]:
             m.alpha, m.track_recon = a, t
 
 
-def drop_dense(model: nn.Module) -> int:
-    """Stage B: remove every dense branch for good; return the number of freed parameters."""
+def drop_dense(model: nn.Module, keep_teacher: bool = False) -> int:
+    """Stage B: the student stops running the dense branches; they are removed for good, or with
+    ``keep_teacher`` kept frozen for the teacher's forward (already in memory since Stage A: no second
+    copy of the model is ever made). Returns the number of freed parameters."""
     freed = 0
     for m in interpolated_layers(model).values():
         if m.dense is not None:
-            freed += sum(p.numel() for p in m.dense.parameters())
-            m.drop_dense()
+            if not keep_teacher:
+                freed += sum(p.numel() for p in m.dense.parameters())
+            m.drop_dense(keep_teacher)
             m.alpha = 1.0
     gc.collect()
     return freed
 
 
 def has_dense(model: nn.Module) -> bool:
-    return any(m.dense is not None for m in interpolated_layers(model).values())
+    """Whether the student still runs dense branches (Stage A)."""
+    return any(m.student_dense for m in interpolated_layers(model).values())
+
+
+def has_teacher_dense(model: nn.Module) -> bool:
+    """Whether every layer keeps its frozen dense branch, so alpha = 0 gives the original model."""
+    layers = interpolated_layers(model).values()
+    return bool(layers) and all(m.dense is not None for m in layers)
 
 
 def reconstruction_loss(model: nn.Module) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from hyperquant.train.interp import (
     drop_dense,
     fixed_alpha,
     has_dense,
+    has_teacher_dense,
     interpolated_layers,
     reconstruction_loss,
     set_alphas,
@@ -147,7 +148,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------------------------------ checkpoints
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 # TrainConfig fields that only say how a run is watched or where it goes: a resume may change them.
-RUNNER_FIELDS = ("output_dir", "resume", "progress", "num_threads", "overwrite", "export", "eval_every", "save_every",
+RUNNER_FIELDS = ("output_dir", "resume", "progress", "num_threads", "device", "overwrite", "export", "eval_every", "save_every",
                  "eval_tokens", "eval_context", "eval_alphas")
 
 
@@ -168,6 +169,9 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     safetensors, everything else (step, schedule, history, fingerprint, optimizer hyperparameters) in JSON."""
     tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):  # dropout and sampling on the GPU
+            tensors[f"rng.cuda.{i}"] = rng
     saved = optimizer.state_dict()
     plain: dict[str, dict] = {}
     for index, values in saved["state"].items():
@@ -206,7 +210,16 @@ def load_checkpoint(folder: Path) -> dict:
         state[int(index)] = values
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in optimizer_meta["param_groups"]]
     return {**meta, "model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-            "optimizer": {"state": state, "param_groups": groups}, "torch_rng": tensors["rng.torch"]}
+            "optimizer": {"state": state, "param_groups": groups}, "torch_rng": tensors["rng.torch"],
+            "cuda_rng": [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]}
+
+
+def restore_cuda_rng(states: list[torch.Tensor]) -> None:
+    """Put back the CUDA generators a checkpoint saved (none when it was written without CUDA; a run
+    resumed on fewer devices restores the first ones)."""
+    if states and torch.cuda.is_available():
+        for i, rng in enumerate(states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, i)
 
 
 def run_fingerprint(source, cfg: TrainConfig, train_ids: torch.Tensor) -> dict:
@@ -308,12 +321,17 @@ def _accelerator(cfg: TrainConfig):
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
 
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    from hyperquant.device import resolve_device
+
+    device = resolve_device(cfg.device, "device")
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise HyperquantError("mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # accelerate's single process uses the current CUDA device
     # Layers at alpha = 0 (or before QAT's learned scales start) give some parameters no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    # cpu=True without CUDA: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
-    return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    # cpu=True: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
+    return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -398,7 +416,9 @@ def _assign_bases(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, s
     return {**plan.layer_bases, **c.layer_bases}, plan
 
 
-def _frozen_teacher(cfg: TrainConfig, source) -> nn.Module | None:
+def _frozen_teacher(cfg: TrainConfig, source, device: torch.device | str) -> nn.Module | None:
+    """teacher: separate, a second frozen copy of the model on ``device`` (the other teachers are the
+    student's own frozen dense weights)."""
     from hyperquant.models import load_model
 
     if cfg.teacher != "separate" or cfg.kd_weight <= 0:
@@ -406,7 +426,12 @@ def _frozen_teacher(cfg: TrainConfig, source) -> nn.Module | None:
     teacher = load_model(source)[0].eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher
+    return teacher.to(device)
+
+
+def keeps_teacher(cfg: TrainConfig) -> bool:
+    """Whether Stage B keeps the frozen dense branches for the teacher (teacher: dense)."""
+    return cfg.teacher == "dense" and cfg.kd_weight > 0
 
 
 def _optimizer(model: nn.Module, cfg_ref: list[TrainConfig], state: dict | None):
@@ -430,20 +455,21 @@ def _step(run: _Run, step: int) -> dict:
     """One optimizer step (gradient accumulation over micro-batches); returns its log row."""
     cfg, model, accelerator = run.cfg, run.model, run.accelerator
     if step >= cfg.stage_b and has_dense(model):
-        drop_dense(model)
+        drop_dense(model, keep_teacher=keeps_teacher(cfg))
     qat_on = cfg.qat_start_step is not None and step >= cfg.qat_start_step
     if qat_on:
         for m in interpolated_layers(model).values():
-            if not bool(m.quantizer.enabled):
+            if not m.quantizer.is_enabled:
                 m.quantizer.enable(m.phm.a_cat.detach())
     # optimizer step s trains at the schedule's value after s + 1 steps: alpha = 1 after fade_steps
     mean_alpha = set_alphas(model, step + 1, cfg.fade_steps, cfg.alpha_schedule, cfg.stagger)
     dense_alive = has_dense(model)
-    kd_available = cfg.kd_weight > 0 and (run.teacher is not None or (cfg.teacher == "self" and dense_alive))
+    kd_available = cfg.kd_weight > 0 and (run.teacher is not None or (cfg.teacher == "self" and dense_alive)
+                                          or (cfg.teacher == "dense" and has_teacher_dense(model)))
     lambda_kd = cfg.kd_weight * (mean_alpha if cfg.kd_ramp else 1.0) if kd_available else 0.0
     global_batch = cfg.per_device_batch_size * run.world * cfg.grad_accum_steps
     rows = global_batch_rows(step, global_batch, len(run.train_ids), cfg.data_seed)
-    sums = torch.zeros(4)  # loss, ce, kd, recon (means over micro-batches)
+    sums = torch.zeros(4, device=accelerator.device)  # loss, ce, kd, recon (means over micro-batches)
     for micro in range(cfg.grad_accum_steps):
         first = (micro * run.world + accelerator.process_index) * cfg.per_device_batch_size
         batch = run.train_ids[rows[first : first + cfg.per_device_batch_size]].to(accelerator.device)
@@ -455,7 +481,7 @@ def _step(run: _Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    means = accelerator.reduce(sums.to(accelerator.device), reduction="mean").cpu()
+    means = accelerator.reduce(sums, reduction="mean").cpu()
     return {"step": step + 1, "stage": "A" if dense_alive else "B", "mean_alpha": round(mean_alpha, 6),
             "lr": run.scheduler.get_last_lr()[0], "loss": float(means[0]), "ce": float(means[1]),
             "kd": float(means[2]), "recon": float(means[3]), "lambda_kd": lambda_kd, "qat": qat_on,
@@ -463,7 +489,8 @@ def _step(run: _Run, step: int) -> dict:
 
 
 def _micro_step(run: _Run, batch: torch.Tensor, lambda_kd: float) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns (loss, ce, kd, recon) as floats."""
+    """Forward and backward of one micro-batch; returns (loss, ce, kd, recon), detached, on the batch's
+    device (read once per step, not synchronized per micro-batch)."""
     cfg, accelerator = run.cfg, run.accelerator
     teacher_logits = None
     if lambda_kd > 0:
@@ -485,8 +512,8 @@ def _micro_step(run: _Run, batch: torch.Tensor, lambda_kd: float) -> torch.Tenso
         loss = loss + cfg.recon_weight * recon
     if loss.requires_grad:  # False only while every layer is still at alpha = 0 without recon
         accelerator.backward(loss / cfg.grad_accum_steps)
-    return torch.tensor([float(loss.detach()), float(ce.detach()), float(kd.detach()) if kd is not None else 0.0,
-                         float(recon.detach()) if recon is not None else 0.0])
+    zero = torch.zeros((), device=loss.device)
+    return torch.stack([t.detach().float() if t is not None else zero for t in (loss, ce, kd, recon)])
 
 
 def _maybe_replan(run: _Run, done: int, elapsed: float, cfg_ref: list[TrainConfig], bar) -> None:
@@ -516,7 +543,7 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     """The last checkpoint, the final evaluation, the export to final/ and summary.json."""
     cfg, done = run.cfg, run.cfg.max_steps
     if done >= cfg.stage_b and has_dense(run.model):
-        drop_dense(run.model)
+        drop_dense(run.model, keep_teacher=keeps_teacher(cfg))
     summary: dict = {"steps": done, "processes": run.world, "train_time_s": time.perf_counter() - t0,
                      "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
     if run.main:
@@ -529,6 +556,9 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
                                    "total_bytes": run.capacity.total_bytes}
         if cfg.export:
             from hyperquant.checkpoint import save_compressed
+
+            # the export (GPTQ of the trained factors, then of attention and the head) is the CPU pipeline
+            run.model.to("cpu")
 
             final = finalize(run.model, cfg, run.train_ids[: cfg.init_samples], {"steps": done, "final_eval": ev["ppl"]},
                              heldout_ids=run.heldout_ids)
@@ -589,16 +619,26 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     if state is not None and cfg.max_minutes is not None and state.get("schedule"):
         cfg = cfg.replace(**state["schedule"])
     layer_bases, capacity = _assign_bases(cfg, model, train_ids, state, main, output_dir)
-    teacher = _frozen_teacher(cfg, source)
+    teacher = _frozen_teacher(cfg, source, accelerator.device)
 
     prepare_model(model, cfg, layer_bases, None if state is not None else train_ids[: cfg.init_samples])
     if state is not None:
         if start_step >= cfg.stage_b:
-            drop_dense(model)
+            drop_dense(model, keep_teacher=keeps_teacher(cfg))
         _, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected:
             raise HyperquantError(f"checkpoint {ckpt} does not match this configuration (unexpected {unexpected[:3]})")
         torch.set_rng_state(state["torch_rng"])
+        restore_cuda_rng(state["cuda_rng"])
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise HyperquantError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+        # non-reentrant: the frozen embeddings give inputs without grad, which the reentrant variant would cut
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     cfg_ref = [cfg]  # the LR schedule reads the re-planned config through this
     trainable, optimizer, scheduler = _optimizer(model, cfg_ref, state)

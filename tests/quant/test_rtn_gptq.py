@@ -115,3 +115,20 @@ def test_dead_inputs_are_zeroed():
     x[:, 5] = 0
     res = gptq_quantize(torch.randn(8, 32), x.T @ x, bits=4, group_size=16)
     assert torch.isfinite(torch.tensor(res.error))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_in_row_slices_is_the_whole_matrix_result(act_order):
+    """Rows are independent given H: slicing them (what bounds the LM head's memory) changes no code."""
+    x = torch.randn(400, 48) @ torch.randn(48, 48)
+    h = x.T @ x
+    h[:, 5] = h[5, :] = 0  # a dead input too
+    w = torch.randn(70, 48)
+    whole = gptq_quantize(w, h, bits=4, group_size=16, act_order=act_order, row_chunk=10_000)
+    sliced = gptq_quantize(w, h, bits=4, group_size=16, act_order=act_order, row_chunk=16)
+    assert torch.equal(sliced.weight.codes, whole.weight.codes)
+    assert torch.equal(sliced.weight.scales, whole.weight.scales)
+    assert torch.equal(sliced.weight.zeros, whole.weight.zeros)
+    assert sliced.error == pytest.approx(whole.error, rel=1e-9)
+    assert sliced.rtn_error == pytest.approx(whole.rtn_error, rel=1e-9)
+    assert sliced.error == pytest.approx(quadratic_form(w.double() - whole.weight.dequantize(torch.float64), h), rel=1e-9)

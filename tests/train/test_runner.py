@@ -193,3 +193,30 @@ def test_gradient_accumulation_matches_the_larger_batch_and_bf16_runs(tiny_model
     train(str(tiny_model_dir), TrainConfig(**common, mixed_precision="bf16", output_dir=str(tmp_path / "bf16")))
     bf16 = _losses(tmp_path / "bf16")
     assert len(bf16) == 2 and all(abs(r["loss"] - x["loss"]) < 0.1 for r, x in zip(bf16, _losses(tmp_path / "big")))
+
+
+def test_gradient_checkpointing_and_the_teachers_give_the_same_training(tiny_model_dir, tmp_path, monkeypatch):
+    """Recomputing activations in the backward changes no gradient; the teacher from the student's frozen
+    dense weights (the default) computes what a separate copy of the model does, through Stage B."""
+    common = {**BASE, "max_steps": 5, "save_every": 0, "lora_r": 2, "kd_weight": 1.0}
+    train(str(tiny_model_dir), TrainConfig(**common, output_dir=str(tmp_path / "plain")))
+    import transformers.modeling_utils as checkpointing  # it binds torch's checkpoint when enabling it
+
+    recomputed = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    train(str(tiny_model_dir), TrainConfig(**common, gradient_checkpointing=True, output_dir=str(tmp_path / "ckpt")))
+    assert len(recomputed) >= 2 * 5  # both blocks in every step went through torch's checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", real)
+    train(str(tiny_model_dir), TrainConfig(**common, teacher="separate", output_dir=str(tmp_path / "separate")))
+    plain = _losses(tmp_path / "plain")
+    assert [r["stage"] for r in plain] == ["A"] * 4 + ["B"]
+    assert all(r["kd"] > 0 for r in plain[1:])  # KD stays on in Stage B
+    for other in ("ckpt", "separate"):
+        for x, y in zip(plain, _losses(tmp_path / other)):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), other
+            assert y["kd"] == pytest.approx(x["kd"], rel=1e-4, abs=1e-8), other
+        a, b = _state(tmp_path / "plain", 5), _state(tmp_path / other, 5)
+        assert a.keys() == b.keys()
+        diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
+        assert float(diff.max()) < 1e-5, other
