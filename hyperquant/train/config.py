@@ -7,9 +7,8 @@ compress` (which trains by default) and `hyperquant train` without a YAML file t
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

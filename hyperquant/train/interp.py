@@ -20,9 +20,9 @@ class InterpolatedLinear(nn.Module):
     """y = (1 - alpha) dense(x) + alpha phm(x), with the dense linear frozen.
 
     alpha = 0 returns dense(x) exactly (the PHM branch is not run); once the dense branch is dropped
-    (`drop_dense`, Stage B) the layer is phm(x); with ``keep_teacher`` the frozen dense branch stays for the
-    distillation teacher only (`fixed_alpha(model, 0)` runs it; the student never does). While both branches run, the reconstruction error
-    ||phm(x) - dense(x)||^2 of the last forward is kept in ``last_recon`` (when ``track_recon``).
+    (`drop_dense`, Stage B) the layer is phm(x); with ``keep_teacher`` the frozen dense branch stays for
+    the distillation teacher only (`fixed_alpha(model, 0)` runs it; the student never does). While both
+    branches run, the reconstruction error ||phm(x) - dense(x)||^2 of the last forward is kept in ``last_recon`` (when ``track_recon``).
     A_cat goes through ``quantizer`` (fake quantization for QAT) whenever it is enabled.
     """
 
