@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ROW_CHUNK = 4096
+ROW_CHUNK = 4096  # rows per slice for the float64 work on large matrices (the LM head)
 
 
 def quadratic_form(weight: torch.Tensor, hessian: torch.Tensor, minus: torch.Tensor | None = None) -> float:

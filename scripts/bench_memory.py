@@ -26,7 +26,7 @@ from pathlib import Path
 GIB = 2**30
 
 _STEP_CHILD = r"""
-import json, sys, time, torch
+import json, sys, time
 from hyperquant.device import memory_now
 from hyperquant.models import load_model, resolve_source
 from hyperquant.train import TrainConfig, train
@@ -65,8 +65,9 @@ def measure_compress(work: Path, env: dict) -> dict:
     first_peak = next(r for r in layers if r.get("peak_host_bytes", 0) == at_peak["peak_host_bytes"])
     return {"peak_host_bytes": peak * 1024, "seconds": seconds, "layers": len(layers),
             "peak_reached_at_layer": first_peak["name"],
-            "rss_after_first_layer": layers[0].get("host_rss_bytes"),
-            "rss_after_last_layer": layers[-1].get("host_rss_bytes")}
+            # a table built from the head's codes has no memory record of its own
+            "rss_after_first_layer": next(r["host_rss_bytes"] for r in layers if "host_rss_bytes" in r),
+            "rss_after_last_layer": [r["host_rss_bytes"] for r in layers if "host_rss_bytes" in r][-1]}
 
 
 def measure_step(work: Path, env: dict, teacher: str) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hyperquant.errors import HyperquantError
-from hyperquant.linalg import quadratic_form
+from hyperquant.linalg import ROW_CHUNK, quadratic_form
 from hyperquant.quant.qtensor import QuantizedWeight
 from hyperquant.quant.rtn import dequantize_codes, group_qparams, quantize_codes, rtn_quantize
 
@@ -46,9 +46,6 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float, max_tries: int) -> tup
     )
 
 
-ROW_CHUNK = 4096  # rows are independent given H: a large matrix (the LM head) is done in slices of rows
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -64,8 +61,8 @@ def gptq_quantize(
     """GPTQ codes of ``weight`` (rows, cols) for the input Hessian ``hessian`` (cols, cols).
 
     Each row's codes depend only on that row and H, so rows are processed ``row_chunk`` at a time with
-    the one Cholesky factor: the float64 working copies are of one slice, not of the whole matrix (the
-    default model's LM head, 49152 rows, peaked at 2.5 GB of them)."""
+    the one Cholesky factor: the float64 working copies are of one slice, not of the whole matrix (a
+    large LM head's is hundreds of MB per copy)."""
     rows, cols = weight.shape
     h = hessian.detach().double().clone()
     dead = h.diagonal() == 0

@@ -22,7 +22,8 @@ class InterpolatedLinear(nn.Module):
     alpha = 0 returns dense(x) exactly (the PHM branch is not run); once the dense branch is dropped
     (`drop_dense`, Stage B) the layer is phm(x); with ``keep_teacher`` the frozen dense branch stays for
     the distillation teacher only (`fixed_alpha(model, 0)` runs it; the student never does). While both
-    branches run, the reconstruction error ||phm(x) - dense(x)||^2 of the last forward is kept in ``last_recon`` (when ``track_recon``).
+    branches run, the reconstruction error ||phm(x) - dense(x)||^2 of the last forward is kept in
+    ``last_recon`` (when ``track_recon``).
     A_cat goes through ``quantizer`` (fake quantization for QAT) whenever it is enabled.
     """
 
@@ -54,7 +55,7 @@ class InterpolatedLinear(nn.Module):
         self.last_recon = None
         if self.dense is None or (self.teacher_only and alpha > 0.0):
             return self.phm_out(x)
-        if self.teacher_only or alpha <= 0.0 and not (self.track_recon and self.training):
+        if self.teacher_only or (alpha <= 0.0 and not (self.track_recon and self.training)):
             return self.dense(x)
         dense_y = self.dense(x)
         phm_y = self.phm_out(x)
