@@ -33,33 +33,53 @@ class PerplexityProtocol:
         return asdict(self)
 
 
+IGNORE = -100  # a label that is not scored
+
+
+def model_device(model: nn.Module, fallback: torch.device | str = "cpu") -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device(fallback))
+
+
+def scored_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[float, int]:
+    """(sum of -log p(labels[t+1] | inputs up to t), number of scored positions) for one sequence:
+    position t+1 is scored unless its label is IGNORE. The one scoring rule of text and caption
+    perplexity."""
+    logits = model(**inputs, use_cache=False).logits[0, :-1].float()
+    targets = labels[0, 1:].to(logits.device)
+    keep = targets != IGNORE
+    return float(nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")), int(keep.sum())
+
+
+def perplexity_from_nll(nll_sum: float, count: int, what: str = "the evaluation text") -> dict:
+    """{'perplexity', 'nll', 'predicted_tokens'} from summed negative log-likelihoods; NaN fails."""
+    nll = nll_sum / count
+    if math.isnan(nll):
+        raise HyperquantError(f"the model gives NaN log-likelihoods on {what} (NaN or Inf in its weights or "
+                              f"activations); its perplexity is undefined, check the model or checkpoint")
+    return {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": count}
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityProtocol = PerplexityProtocol(),
                progress=None) -> dict:
     """{'perplexity', 'nll', 'predicted_tokens', **protocol} for a 1-D tensor of token ids."""
     # the ids go where the model's weights are (eval --device, a model trained on a GPU)
-    device = next((p.device for p in model.parameters()), token_ids.device)
-    ids = token_ids[: protocol.num_tokens].reshape(1, -1).to(device)
+    ids = token_ids[: protocol.num_tokens].reshape(1, -1).to(model_device(model, token_ids.device))
     total = ids.shape[1]
     nll_sum, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
     begin = 0
     while scored_until < total:
         end = min(begin + protocol.context, total)
         window = ids[:, begin:end]
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        targets = window[0, 1:]
-        first = max(scored_until - begin - 1, 0)  # position in `targets` of the first unscored token
-        losses = nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
-        nll_sum += float(losses)
-        count += targets.numel() - first
+        labels = window.clone()
+        labels[0, : max(scored_until - begin, 1)] = IGNORE  # tokens an earlier window scored
+        window_nll, window_count = scored_nll(model, {"input_ids": window}, labels)
+        nll_sum += window_nll
+        count += window_count
         scored_until = end
         if progress is not None:
             progress(end / total)
         begin += protocol.stride
         if end == total:
             break
-    nll = nll_sum / count
-    if math.isnan(nll):
-        raise HyperquantError("the model gives NaN log-likelihoods on the evaluation text (NaN or Inf in its "
-                              "weights or activations); its perplexity is undefined, check the model or checkpoint")
-    return {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": count, **protocol.to_dict()}
+    return {**perplexity_from_nll(nll_sum, count), **protocol.to_dict()}

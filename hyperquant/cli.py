@@ -93,6 +93,11 @@ def compress(
     embed_bits: Annotated[str, typer.Option(help="Bits of the embedding table (RTN; a tied model shares the LM head's "
                                                  "codes when equal to --bits), or none to keep it")] = "4",
     keep: Annotated[str, typer.Option(help="Comma-separated parts to leave uncompressed: attention, head, embedding")] = "",
+    towers: Annotated[str, typer.Option(help="A vision-language model: the towers whose FFN/MLP linears are compressed, "
+                                             "comma-separated: language (default), vision, projector")] = "language",
+    images: Annotated[Path | None, typer.Option(help="A vision-language model: image-caption pairs for calibration and "
+                                                     "training, a folder of images with .txt captions or a JSONL file "
+                                                     "(default: the photographs shipped with scikit-image)")] = None,
     fourier_fraction: Annotated[float, typer.Option(help="--method fourier: fraction of each layer's parameters the factors keep")] = 0.25,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 4096,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
@@ -109,15 +114,19 @@ def compress(
     and write a checkpoint folder with a report.
 
     PHM layers (n >= 2) are trained by distillation from the dense model for --train-minutes, then
-    quantized; --no-train gives the post-training result in a few minutes."""
+    quantized; --no-train gives the post-training result in a few minutes. A vision-language folder
+    (with its processor) is calibrated, trained and evaluated on image-caption pairs too."""
     from hyperquant.config import CompressConfig
+    from hyperquant.multimodal.towers import parse_towers
     from hyperquant.plan import config_slug
+
+    tower_list = list(parse_towers(towers))
 
     if method == "fourier":  # the comparator kind for every target; n and --bases do not apply
         if n not in (1, 2):
             _fail("--method fourier replaces each weight by a Fourier low-rank factorization; drop --n")
         cfg = CompressConfig(n=1, bits=None, group_size=group_size, calib_samples=calib_samples,
-                             calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
+                             calib_seq_len=calib_seq_len, rest_dtype=rest_dtype, towers=tower_list,
                              layers={".*": {"kind": "fourier", "fraction": fourier_fraction, "bits": bits,
                                             "group_size": group_size}})
     else:
@@ -135,7 +144,7 @@ def compress(
         cfg = CompressConfig(bits=bits, method=method, n=n, num_bases=bases, group_size=group_size, init=init,
                              learn_bases=learn_bases, symmetric=symmetric, act_order=act_order,
                              calib_samples=calib_samples, calib_seq_len=calib_seq_len, rest_dtype=rest_dtype,
-                             scope=scope, embed_bits=table_bits, layers=layers)
+                             scope=scope, embed_bits=table_bits, layers=layers, towers=tower_list)
     if eval_tokens < 0:
         _fail("--eval-tokens must be >= 0")
     training = train and n > 1 and method != "fourier"
@@ -143,7 +152,12 @@ def compress(
     out_dir = out_dir or Path("hyperquant-out") / setting
     from hyperquant.atomic import check_output_dir
 
-    check_output_dir(out_dir, overwrite, _input_paths(model, calib_text))
+    check_output_dir(out_dir, overwrite, _input_paths(model, calib_text, images))
+    image_pairs = None
+    if images is not None:
+        from hyperquant.multimodal.images import read_pairs
+
+        image_pairs = read_pairs(images)  # a bad folder or line fails before the model loads
     tcfg = None
     if training:
         from hyperquant.train.compress import work_dir_for
@@ -162,11 +176,41 @@ def compress(
         from hyperquant.data import read_text_file
 
         calib_texts = [read_text_file(calib_text)]
-    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg)
+    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs)
+
+
+def _image_data(source, model, image_pairs, heldout_pairs: int):
+    """A vision-language model's processor, (calibration samples, held-out samples) of image-caption
+    pairs (the user's, else the shipped calibration photographs) and the evaluation samples (the shipped
+    evaluation photographs); (None, None, None, None) for a text model."""
+    from hyperquant.models import is_vision_language_source, load_processor
+    from hyperquant.multimodal.images import shipped_pairs
+    from hyperquant.multimodal.inputs import caption_samples
+
+    if not is_vision_language_source(source):
+        if image_pairs is not None:
+            raise HyperquantError(f"--images: {source} is a text model; image-caption data needs a vision-language "
+                                  f"model folder")
+        return None, None, None, None
+    processor = load_processor(source.folder)
+    pairs = image_pairs if image_pairs is not None else shipped_pairs("calibration")
+    samples = caption_samples(processor, pairs)
+    held = min(heldout_pairs, len(samples) // 4)  # per-layer held-out errors, never fitted on
+    fit, heldout = samples[: len(samples) - held], samples[len(samples) - held:]
+    log.info("%d image-caption pairs for calibration (%d held out)", len(fit), len(heldout))
+    return processor, fit, heldout, caption_samples(processor, shipped_pairs("evaluation"))
+
+
+def _with_images(text_ids, samples, batch_size: int = 8) -> list[dict] | None:
+    """Calibration batches: the text rows, then one batch per image-caption pair (unpadded)."""
+    if text_ids is None:
+        return None
+    batches = [{"input_ids": text_ids[i : i + batch_size]} for i in range(0, len(text_ids), batch_size)]
+    return batches + [{k: v for k, v in s.inputs.items() if k != "labels"} for s in samples or []]
 
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
-                 train_cfg=None) -> None:
+                 train_cfg=None, image_pairs=None) -> None:
     from hyperquant.atomic import check_free_space
     from hyperquant.data import calibration_ids, calibration_split
     from hyperquant.data import eval_tokens as held_out_tokens
@@ -174,11 +218,12 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     from hyperquant.job import Evaluation, compress_to_folder, measure
     from hyperquant.models import check_sequence_length, load_model, resolve_source
     from hyperquant.plan import resolve_plan
-    from hyperquant.report import SUMMARY_COLUMNS, summary_rows
+    from hyperquant.report import summary_columns, summary_rows
 
     source = resolve_source(model_arg)
     log.info("loading %s", source)
     model, tokenizer = load_model(source)
+    processor, image_fit, image_heldout, image_eval = _image_data(source, model, image_pairs, 4)
     # Generous estimates from the parameter count: a compressed checkpoint stores under a byte per
     # parameter (0.4 for the default model, 1 with the rest in fp16); a training run's work folder keeps
     # two checkpoints of the trained factors with their optimizer moments (fp32, three tensors each).
@@ -205,8 +250,10 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
         calib, heldout = calibration_split(tokenizer, cfg.calib_samples, cfg.heldout_samples, cfg.calib_seq_len,
                                            texts=calib_texts)
     protocol = PerplexityProtocol(context=context, stride=context, num_tokens=eval_tokens) if eval_tokens else None
-    evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol)
+    evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol,
+                            captions=image_eval if eval_tokens else None)
     rows = [measure(model, "original (fp32)", evaluation)]
+    saved_with = processor if processor is not None else tokenizer  # a processor saves its tokenizer too
     if train_cfg is not None:
         from hyperquant.train.compress import train_and_compress
 
@@ -221,16 +268,18 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
                      train_cfg.max_steps, f"{train_cfg.max_steps * per_step:,}")
         if evaluation.eval_ids is None:
             evaluation = Evaluation(held_out_tokens(tokenizer, train_cfg.eval_tokens), None)
-        train_and_compress(source, model, tokenizer, cfg, train_cfg, out_dir, overwrite, train_ids, evaluation,
-                           rows)
-        _print_table(SUMMARY_COLUMNS, summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
+        train_and_compress(source, model, saved_with, cfg, train_cfg, out_dir, overwrite, train_ids, evaluation,
+                           rows, image_fit)
+        _print_table(summary_columns(rows), summary_rows(rows), title=f"hyperquant compress -> {out_dir}")
         out.print(f"weights file {rows[1]['size']['bytes_on_disk'] / 1e6:.1f} MB; report: {out_dir / 'report.md'}")
         return
     if calib is not None:
         log.info("calibrating on %d x %d tokens", calib.shape[0], calib.shape[1])
-    result = compress_to_folder(model, tokenizer, cfg, out_dir, source=str(source), calib=calib,
+    if processor is not None:
+        calib, heldout = _with_images(calib, image_fit), _with_images(heldout, image_heldout)
+    result = compress_to_folder(model, saved_with, cfg, out_dir, source=str(source), calib=calib,
                                 evaluation=evaluation, overwrite=overwrite, rows=rows, heldout=heldout)
-    _print_table(SUMMARY_COLUMNS, summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")
+    _print_table(summary_columns(rows + [result.row]), summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")
     out.print(f"compressed in {result.seconds:.1f} s; weights file {result.row['size']['bytes_on_disk'] / 1e6:.1f} "
               f"MB; report: {out_dir / 'report.md'}")
 
@@ -245,8 +294,13 @@ def eval_cmd(
     stride: Annotated[int | None, typer.Option(help="Stride between windows (default = context: non-overlapping)")] = None,
     latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model (on the CPU)")] = True,
     device: Annotated[str, typer.Option(help="Where perplexity runs: auto (CUDA when visible), cpu, cuda or cuda:<i>")] = "auto",
+    images: Annotated[Path | None, typer.Option(help="A vision-language model: image-caption pairs to score captions on, a "
+                                                     "folder of images with .txt captions or a JSONL file (default: the "
+                                                     "shipped evaluation photographs)")] = None,
 ) -> None:
-    """Perplexity, size, multiply-adds and CPU latency of a model; prints `perplexity: <float>` last."""
+    """Perplexity, size, multiply-adds and CPU latency of a model; prints `perplexity: <float>` last. A
+    vision-language model also gets image-conditioned caption perplexity and, for a checkpoint that
+    recorded its original's greedy captions, their agreement."""
     import torch
     from transformers import AutoTokenizer
 
@@ -266,6 +320,11 @@ def eval_cmd(
     if eval_tokens < 2:
         _fail(f"--eval-tokens {eval_tokens} must be at least 2 (one token is predicted from the one before)")
     path = Path(folder)
+    image_pairs = None
+    if images is not None:
+        from hyperquant.multimodal.images import read_pairs
+
+        image_pairs = read_pairs(images)
     if is_hyperquant_checkpoint(path):
         model = load(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -293,9 +352,10 @@ def eval_cmd(
         from hyperquant.data import eval_tokens as held_out_tokens
 
         ids = held_out_tokens(tokenizer, eval_tokens)
+    captions = _eval_captions(path, model, image_pairs)
     result = {"size": size}
     if latency:
-        result["latency"] = torch_latency(model, model.config.vocab_size)
+        result["latency"] = torch_latency(model, model.config.get_text_config().vocab_size)
     result["perplexity"] = perplexity(model.to(where), ids, protocol)
     result["device"] = str(where)
     rows = [[k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in size.items()]
@@ -303,8 +363,43 @@ def eval_cmd(
         rows += [[k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in result["latency"].items()]
     rows += [["tokens scored", str(result["perplexity"]["predicted_tokens"])],
              ["context / stride", f"{context} / {stride}"]]
+    if captions is not None:
+        from hyperquant.job import Evaluation, measure_captions
+
+        samples, reference = captions
+        row = {"label": folder}
+        measure_captions(model, Evaluation(captions=samples, reference_captions=reference), row)
+        rows += [["caption perplexity", f"{row['caption_perplexity']:,.4g}"],
+                 ["caption tokens scored", f"{sum(s.caption_tokens for s in samples)} in {len(samples)} pairs"]]
+        if reference is not None:
+            rows += [["greedy caption agreement with the original",
+                      f"{row['caption_agreement']:.1%} tokens, {row['caption_exact_match']:.0%} exact"]]
     _print_table(["metric", "value"], rows, title=f"hyperquant eval {folder}")
     out.print(f"perplexity: {result['perplexity']['perplexity']:.4f}")
+
+
+def _eval_captions(path: Path, model, image_pairs):
+    """(caption samples, the original's greedy captions or None) for a vision-language model, else None."""
+    from hyperquant.multimodal.towers import is_vision_language
+
+    if not is_vision_language(model.config):
+        if image_pairs is not None:
+            _fail(f"--images: {path} is a text model; image-caption pairs need a vision-language model")
+        return None
+    from hyperquant.models import load_processor
+    from hyperquant.multimodal.images import shipped_pairs
+    from hyperquant.multimodal.inputs import caption_samples
+
+    folder = path if path.is_dir() else path.parent
+    samples = caption_samples(load_processor(folder), image_pairs or shipped_pairs("evaluation"))
+    reference = None
+    summary = folder / "summary.json"
+    if image_pairs is None and summary.is_file():
+        try:
+            reference = (json.loads(summary.read_text()).get("reference_captions") or {}).get("tokens")
+        except ValueError:
+            log.warning("%s is not valid JSON: the greedy captions are not compared with the original's", summary)
+    return samples, reference
 
 
 @app.command()
@@ -336,13 +431,17 @@ def info(
     else:
         out.print("settings: " + ", ".join(f"{k}={cc[k]}" for k in ("bits", "method", "n", "num_bases",
                                                                       "group_size", "rest_dtype") if k in cc))
+    from hyperquant.multimodal.towers import is_vision_language_dict, tower_of_name
+
+    towers = is_vision_language_dict(config)  # a vision-language model: which tower each layer is in
     kinds: dict[tuple, int] = {}
     for layer in layers + kept:
         shape = f"{layer['out_features']}x{layer['in_features']}" if "out_features" in layer else "-"
-        key = (layer["kind"], layer.get("n", 1), layer.get("num_bases", "-"), layer.get("bits"),
-               layer.get("group_size"), shape)
+        key = ((tower_of_name(layer["name"]),) if towers else ()) + (
+            layer["kind"], layer.get("n", 1), layer.get("num_bases", "-"), layer.get("bits"),
+            layer.get("group_size"), shape)
         kinds[key] = kinds.get(key, 0) + 1
-    _print_table(["kind", "n", "B", "bits", "group", "shape (out x in)", "layers"],
+    _print_table((["tower"] if towers else []) + ["kind", "n", "B", "bits", "group", "shape (out x in)", "layers"],
                  [[str(c) for c in (*k, v)] for k, v in sorted(kinds.items(), key=str)], title="compressed layers")
 
 
@@ -361,8 +460,13 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (PHM layers as hyperquant-domain nodes), checked against torch: an
     onnxruntime-genai folder with the fused graph, or with --out FILE.onnx one traced graph."""
+    from hyperquant.checkpoint import read_hyperquant_config
     from hyperquant.exporters import export_command, export_folder_command
+    from hyperquant.multimodal.towers import is_vision_language_dict
 
+    if is_vision_language_dict(read_hyperquant_config(folder)):
+        _fail(f"{folder} is a vision-language model; its ONNX export (vision encoder, projector and the image "
+              f"inputs of the decoder) is not built: run it in torch with hyperquant.load")
     level = accuracy_level if accuracy_level is not None else (4 if device == "cpu" else 0)
     if out_path.suffix == ".onnx":
         export_command(folder, str(out_path), accuracy_level=level, opset=opset, device=device,

@@ -64,6 +64,9 @@ class CompressConfig:
     heldout_samples: int = 4
     true_sequential: bool = True  # re-collect inputs after each group of layers that share an input
     target_patterns: list[str] | None = None  # regexes on module names; None = as ``scope`` says
+    # A vision-language model: the towers whose FFN / MLP linears are selected (language, vision,
+    # projector). Attention, the LM head and the embeddings (scope "model") are the language tower's.
+    towers: list[str] = field(default_factory=lambda: ["language"])
     scope: str = "model"
     # Bits of the embedding table in scope "model" (RTN, group_size; None keeps it in rest_dtype). Unused
     # when bits is None (a float setting keeps every weight but the FFN in float).
@@ -80,6 +83,11 @@ class CompressConfig:
         if self.scope not in SCOPES:
             raise ConfigError(f"scope={self.scope!r} is not supported; use one of {list(SCOPES)} "
                               f"(model: every linear and the embeddings; ffn: the FFN only)")
+        from hyperquant.multimodal.towers import TOWERS
+
+        if not isinstance(self.towers, (list, tuple)) or not self.towers or any(t not in TOWERS for t in self.towers):
+            raise ConfigError(f"towers={self.towers!r}: give a list of {', '.join(TOWERS)} (e.g. [language, vision])")
+        self.towers = [t for t in TOWERS if t in self.towers]
         if self.embed_bits is not None:
             EmbedQuantPlan(bits=self.embed_bits, group_size=self.group_size, symmetric=self.symmetric)
         if not isinstance(self.n, int) or self.n < 1:

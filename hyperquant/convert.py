@@ -55,26 +55,58 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def ffn_patterns(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    from hyperquant.multimodal.towers import find_towers, text_model_type
+
+    model_type = text_model_type(model) if find_towers(model) else model_type_of(model)
     if model_type in FFN_PATTERNS:
         return [FFN_PATTERNS[model_type]]
     return sorted(set(FFN_PATTERNS.values()))
 
 
+def _in_towers(model: nn.Module, towers: tuple[str, ...]):
+    """name -> whether a module of a vision-language model belongs to the selected towers' FFN/MLPs
+    (None for a text model: every name does). Vision MLPs count only inside the encoder's blocks (a
+    pooling head's MLP is never run for the language model); the projector gives all its linears."""
+    from hyperquant.multimodal.towers import VISION_MLP, find_towers
+
+    found = find_towers(model)
+    if found is None:
+        return None
+    language, vision = [re.compile(p) for p in ffn_patterns(model)], re.compile(VISION_MLP)
+
+    def selected(name: str) -> bool:
+        tower = found.tower_of(name)
+        if tower not in towers:
+            return False
+        if tower == "language":
+            return any(r.search("." + name) for r in language)
+        if tower == "vision":
+            return bool(vision.search("." + name)) and _BLOCK_RE.match(name[len(found.vision) + 1:]) is not None
+        return True  # projector
+
+    return selected
+
+
 def find_ffn_linears(
     model: nn.Module, patterns: list[str] | None = None, min_features: int = 0,
-    extra_types: tuple[type, ...] = (),
+    extra_types: tuple[type, ...] = (), towers: tuple[str, ...] = ("language",),
 ) -> dict[str, nn.Module]:
     """Name -> module for the linears to compress, in module order.
 
     ``extra_types``: also match these (already compressed) module types, which carry in/out_features.
+    ``towers``: in a vision-language model without explicit ``patterns``, the towers whose FFN / MLP
+    linears are selected (language, vision, projector).
     """
+    tower_filter = _in_towers(model, towers) if patterns is None else None
     regexes = [re.compile(p) for p in (patterns or ffn_patterns(model))]
     found = {}
     for name, module in model.named_modules():
         if not (_is_linear(module) or isinstance(module, extra_types)):
             continue
-        if not any(r.search("." + name) for r in regexes):
+        if tower_filter is not None:
+            if not tower_filter(name):
+                continue
+        elif not any(r.search("." + name) for r in regexes):
             continue
         out_f, in_f = (module.out_features, module.in_features) if isinstance(module, extra_types) \
             else linear_weight(module).shape
@@ -115,12 +147,17 @@ def model_type_of(model: nn.Module) -> str | None:
 def find_attention_and_head(model: nn.Module, min_features: int = 0) -> dict[str, nn.Module]:
     """Name -> module for the attention projections and the LM head of a known architecture (empty for
     an unknown one), in module order."""
-    model_type = model_type_of(model)
+    from hyperquant.multimodal.towers import find_towers, text_model_type
+
+    towers = find_towers(model)  # a vision-language model: the language tower's attention only
+    model_type = text_model_type(model) if towers else model_type_of(model)
     if model_type not in ATTENTION_PATTERNS:
         return {}
     regexes = [re.compile(ATTENTION_PATTERNS[model_type]), re.compile(HEAD_PATTERNS.get(model_type, DEFAULT_HEAD_PATTERN))]
     found = {}
     for name, module in model.named_modules():
+        if towers is not None and towers.tower_of(name) not in ("language", None):
+            continue
         if _is_linear(module) and any(r.search("." + name) or r.search(name) for r in regexes) \
                 and min(linear_weight(module).shape) >= min_features:
             found[name] = module
@@ -131,7 +168,9 @@ def input_embedding_name(model: nn.Module) -> str | None:
     """The module name of the token embedding table (``model.embed_tokens``, ``transformer.wte``, ...)."""
     getter = getattr(model, "get_input_embeddings", None)
     embed = getter() if getter is not None else None
-    if not isinstance(embed, nn.Embedding):
+    # exactly nn.Embedding: a subclass may change the lookup (Gemma 3 scales it by sqrt(hidden)), which a
+    # quantized table would not reproduce
+    if type(embed) is not nn.Embedding:
         return None
     return next((name for name, module in model.named_modules() if module is embed), None)
 

@@ -26,13 +26,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """What every row of one run is measured on (None: no perplexity)."""
+    """What every row of one run is measured on (None: no perplexity). A vision-language model is also
+    measured on ``captions`` (image-caption pairs never calibrated or trained on, as
+    `multimodal.inputs.CaptionSample`s): caption perplexity, and the agreement of its greedy captions
+    with ``reference_captions`` (the uncompressed model's, taken by the first row measured)."""
 
     eval_ids: torch.Tensor | None = None
     protocol: object | None = None  # evals.PerplexityProtocol
+    captions: list | None = None
+    reference_captions: list[list[int]] | None = None
 
     def to_dict(self) -> dict | None:
-        return self.protocol.to_dict() if self.protocol is not None else None
+        if self.protocol is None and not self.captions:
+            return None
+        data = self.protocol.to_dict() if self.protocol is not None else {}
+        if self.captions:
+            data["caption_pairs"] = len(self.captions)
+            data["caption_tokens"] = sum(s.caption_tokens for s in self.captions)
+        return data
 
 
 @dataclass
@@ -61,7 +72,24 @@ def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: st
     if evaluation.protocol is not None:
         log.info("perplexity of %s", label)
         row["perplexity"] = perplexity(model, evaluation.eval_ids, evaluation.protocol)["perplexity"]
+    if evaluation.captions:
+        measure_captions(model, evaluation, row)
     return row
+
+
+def measure_captions(model: nn.Module, evaluation: Evaluation, row: dict) -> None:
+    """Caption perplexity and greedy-caption agreement into ``row``; the first model measured (the
+    original) gives the reference captions."""
+    from hyperquant.evals import caption_agreement, caption_perplexity, greedy_captions
+
+    log.info("caption perplexity and greedy captions of %s", row["label"])
+    row["caption_perplexity"] = caption_perplexity(model, evaluation.captions)["perplexity"]
+    captions = greedy_captions(model, evaluation.captions)
+    if evaluation.reference_captions is None:
+        evaluation.reference_captions = captions
+    agreement = caption_agreement(evaluation.reference_captions, captions)
+    row["caption_agreement"] = agreement["token_agreement"]
+    row["caption_exact_match"] = agreement["exact_match"]
 
 
 def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, rows: list[dict], seconds: float,
@@ -84,6 +112,9 @@ def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, row
         (folder / "report.md").write_text(text + report_extra)
         summary = {"source": source, "config": config, "plan": section.get("plan"), "rows": rows,
                    "protocol": evaluation.to_dict(), "compress_seconds": seconds, **(summary_extra or {})}
+        if evaluation.reference_captions is not None:  # `hyperquant eval` compares with them later
+            summary["reference_captions"] = {"images": "shipped evaluation photographs",
+                                             "tokens": evaluation.reference_captions}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     return save_compressed(model, out_dir, tokenizer, overwrite=overwrite, extra_files=write_report)

@@ -89,23 +89,37 @@ def _check_finite(model, source) -> None:
                                   f"nothing sound to compress or evaluate (check or re-create the model file)")
 
 
+def is_vision_language_source(source: ModelSource) -> bool:
+    """Whether a model folder holds a vision-language model (its config has vision and text parts)."""
+    from hyperquant.multimodal.towers import is_vision_language_dict
+
+    if source.gguf_file:
+        return False
+    try:
+        return is_vision_language_dict(json.loads((source.folder / "config.json").read_text()))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) loaded offline by the ordinary transformers loaders, refusing what they would
     let through: pickle weights, weights missing from the files (transformers would initialize them at
-    random), and NaN/Inf weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    random), and NaN/Inf weights. A vision-language folder loads through the image-text-to-text Auto
+    class; its processor comes from `load_processor`."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     _check_folder(source)
+    auto = AutoModelForImageTextToText if is_vision_language_source(source) else AutoModelForCausalLM
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         # GGUF dequantization prints its own tqdm bars; keep our output readable.
         with contextlib.redirect_stderr(io.StringIO()):
-            model, info = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, output_loading_info=True,
+            model, info = auto.from_pretrained(source.folder, dtype=dtype, output_loading_info=True,
                                                                use_safetensors=None if source.gguf_file else True,
                                                                **kwargs)
     except Exception as e:  # noqa: BLE001 - torn, truncated or foreign files raise anything from any layer
-        raise HyperquantError(f"could not load a causal LM from {source} (damaged or unsupported files?): "
+        raise HyperquantError(f"could not load a {'vision-language model' if auto is AutoModelForImageTextToText else 'causal LM'} from {source} (damaged or unsupported files?): "
                               f"{first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
     if missing or info.get("mismatched_keys"):
@@ -132,6 +146,23 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_processor(folder: str | os.PathLike):
+    """The image-text processor saved beside a vision-language checkpoint (processor.save_pretrained)."""
+    from transformers import AutoProcessor
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            processor = AutoProcessor.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - missing or foreign processor files raise anything
+        raise HyperquantError(f"{folder} has no usable image processor ({type(e).__name__}: {first_line(e)}); "
+                              f"save the model's processor beside it (processor.save_pretrained(folder))") from None
+    if not hasattr(processor, "image_processor"):
+        raise HyperquantError(f"{folder} has a tokenizer but no image processor; save the model's processor "
+                              f"beside it (processor.save_pretrained(folder))")
+    return processor
+
+
 def _tied_keys(model) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or []
     if isinstance(tied, dict):
@@ -140,7 +171,10 @@ def _tied_keys(model) -> set[str]:
 
 
 def max_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings cover (None: no such limit is known)."""
+    """The longest sequence the model's position embeddings cover (None: no such limit is known); a
+    vision-language model's are its language tower's."""
+    getter = getattr(config, "get_text_config", None)
+    config = getter() if getter is not None else config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:

@@ -92,17 +92,19 @@ def _call_model(model: nn.Module, batch: dict) -> None:
         model(**batch)
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> list[tuple]:
-    """(args, kwargs) with which the model calls its first block, one per batch."""
-    captured = []
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> list[tuple | None]:
+    """(args, kwargs) with which the model calls its first block, one per batch (None for a batch whose
+    forward never reaches it: a text-only batch and a vision encoder)."""
+    captured: list[tuple | None] = []
 
     def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
+        captured[-1] = (args, kwargs)
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
+            captured.append(None)
             with contextlib.suppress(_StopForward):
                 _call_model(model, batch)
     finally:
@@ -125,10 +127,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor,
+def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor | list[dict],
                       batch_size: int = 4) -> dict[str, torch.Tensor]:
     """sum_t x_t x_t^T (float64) of each module's input over one eval-mode pass of ``model`` on ``ids``
-    (not block-sequential: every module sees the model as it is)."""
+    (token ids, or model-input dicts such as image-caption batches; not block-sequential: every module
+    sees the model as it is)."""
     covs: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
@@ -143,8 +146,8 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], ids: torc
     model.eval()
     device = next(model.parameters()).device
     try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
+        for batch in _batches(ids, batch_size):
+            _call_model(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     finally:
         for h in handles:
             h.remove()
@@ -336,39 +339,67 @@ def _progress(enabled: bool):
         yield bar
 
 
-def _split_by_block(targets) -> tuple[str | None, dict[int, list[str]], list[str]]:
-    """(block list name, {block index: targets in it}, targets outside any block, e.g. the LM head)."""
-    by_block: dict[int, list[str]] = {}
+def _split_by_block(targets) -> tuple[dict[str, dict[int, list[str]]], list[str]]:
+    """({block list name: {block index: targets in it}}, targets outside any block, e.g. the LM head). A
+    vision-language model has two block lists (the vision encoder's and the language model's)."""
+    lists: dict[str, dict[int, list[str]]] = {}
     tail: list[str] = []
-    list_name = None
     for name in targets:
         try:
-            list_name_i, idx = block_index(name)
+            list_name, idx = block_index(name)
         except HyperquantError:
             tail.append(name)
             continue
-        if list_name not in (None, list_name_i):
-            raise HyperquantError(f"target layers lie in two block lists ({list_name}, {list_name_i})")
-        list_name = list_name_i
-        by_block.setdefault(idx, []).append(name)
-    return list_name, by_block, tail
+        lists.setdefault(list_name, {}).setdefault(idx, []).append(name)
+    return lists, tail
 
 
-def _compress_tail(model, targets, names: list[str], plan: Plan, batches, heldout, log, bar, layer_task) -> None:
-    """Targets after the blocks (the LM head): calibrated on the whole, already compressed model, so
-    they see the errors of every block before them."""
+def _forward_order(model: nn.Module, list_names: list[str], batches: list[dict]) -> list[str]:
+    """The block lists in the order the model's forward reaches them (the vision encoder before the
+    language model), from the first batch that reaches them all (a text-only batch skips the vision
+    encoder)."""
+    if len(list_names) < 2:
+        return list_names
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = [model.get_submodule(name)[0].register_forward_pre_hook(
+        lambda _m, _args, name=name: order.append(name) if name not in order else None) for name in list_names]
+    try:
+        for batch in batches:
+            order.clear()
+            _call_model(model, batch)
+            seen.update(order)
+            if len(order) == len(list_names):
+                return list(order)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name in list_names if name not in seen]
+    raise HyperquantError(f"no calibration batch reaches {missing[0] if missing else 'every block list'} (a vision "
+                          f"tower runs only on batches with images): give image-caption calibration data")
+
+
+def _compress_tail(model, targets, names: list[str], plan: Plan, batches, heldout, log, bar, layer_task,
+                   stop_at: nn.Module | None = None) -> None:
+    """Targets outside the blocks (the LM head; a vision-language model's projector): calibrated on the
+    whole model as compressed so far, so they see the errors of every block before them. ``stop_at``: a
+    module before which the forward can stop (the language model, for the projector)."""
     shared: dict = {}
-    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, fit_calls=len(batches))
-             for name in names}
+    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared) for name in names}
     handles = [targets[n].register_forward_pre_hook(stats[n]) for n in names]
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if output is not None and any(targets[n] is output for n in names):
-        def stop(_module, _args):  # the head is the last layer: its inputs are all we need, not the logits
+        stop_at = output  # the head is the last layer: its inputs are all we need, not the logits
+    if stop_at is not None:
+        def stop(_module, _args):
             raise _StopForward
 
-        handles.append(output.register_forward_pre_hook(stop))
+        handles.append(stop_at.register_forward_pre_hook(stop))
     try:
-        for batch in [*batches, *heldout]:
+        for i, batch in enumerate([*batches, *heldout]):
+            if i == len(batches):  # a projector sees only the batches with images: count the calls
+                for s in stats.values():
+                    s.fit_calls = s.calls
             with contextlib.suppress(_StopForward):
                 _call_model(model, batch)
             shared.clear()
@@ -394,7 +425,7 @@ def _replace_calibrated(model, targets, names, plan: Plan, stats: dict, block: i
 
 
 def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool) -> None:
-    list_name, by_block, tail = _split_by_block(targets)
+    lists, tail = _split_by_block(targets)
     layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
     # Outside the blocks, what needs no calibration (an embedding table of its own) goes first, so that
     # the blocks calibrate on the embeddings the compressed model will have; a table that is the LM
@@ -413,9 +444,23 @@ def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar,
                 bar.update(layer_task, advance=1, description=f"quantizing {name}")
 
     without_calibration(first)
-    if by_block:
-        _compress_blocks(model, targets, plan, batches, heldout, log, bar, true_sequential, list_name, by_block,
-                         layer_task)
+    # A vision-language model's projector runs between the vision encoder and the language model.
+    from hyperquant.multimodal.towers import find_towers
+
+    towers = find_towers(model)
+    projector = [n for n in tail if towers is not None and towers.tower_of(n) in ("vision", "projector")]
+    tail = [n for n in tail if n not in projector]
+    # each block list is calibrated on what the compressed towers before it give it
+    for list_name in _forward_order(model, list(lists), batches):
+        if projector and towers.tower_of(list_name) == "language":
+            _compress_tail(model, targets, projector, plan, batches, heldout, log, bar, layer_task,
+                           stop_at=model.get_submodule(towers.language))
+            projector = []
+        _compress_blocks(model, targets, plan, batches, heldout, log, bar, true_sequential, list_name,
+                         lists[list_name], layer_task)
+    if projector:
+        _compress_tail(model, targets, projector, plan, batches, heldout, log, bar, layer_task,
+                       stop_at=model.get_submodule(towers.language))
     if tail:
         _compress_tail(model, targets, tail, plan, batches, heldout, log, bar, layer_task)
     without_calibration(built_from_head)
@@ -442,11 +487,16 @@ def _build_layer(model: nn.Module, name: str, module: nn.Module, entry, stats):
 def _compress_blocks(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool,
                      list_name: str, by_block: dict[int, list[str]], layer_task) -> None:
     blocks = model.get_submodule(list_name)
-    inputs = _capture_block_inputs(model, blocks[0], [*batches, *heldout])  # held-out calls come last
+    captured = _capture_block_inputs(model, blocks[0], [*batches, *heldout])
+    fit = [c for c in captured[: len(batches)] if c is not None]
+    if not fit:
+        raise HyperquantError(f"no calibration batch reaches {list_name} (a vision tower runs only on batches "
+                              f"with images): give image-caption calibration data")
+    inputs = fit + [c for c in captured[len(batches):] if c is not None]  # held-out calls come last
     fits_original = any(getattr(entry, "fits_original_outputs", False) for entry in plan.values())
     original_inputs = inputs if fits_original else None
     last = max(by_block)
-    block_task = bar.add_task("calibrating blocks", total=last + 1) if bar else None
+    block_task = bar.add_task(f"calibrating {list_name}", total=last + 1) if bar else None
     for idx in range(last + 1):
         block = blocks[idx]
         pending = list(by_block.get(idx, []))
@@ -460,7 +510,7 @@ def _compress_blocks(model, targets, plan: Plan, batches, heldout, log, bar, tru
         for group in groups:
             shared: dict = {}
             stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name),
-                                       fit_calls=len(batches))
+                                       fit_calls=len(fit))
                      for name in group}
 
             def clear_shared(_module, _args, _out, shared=shared):

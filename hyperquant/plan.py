@@ -32,7 +32,13 @@ PARTS = ("ffn", "attention", "head", "embedding")
 def _targets(model: nn.Module, cfg: CompressConfig, parts: tuple[str, ...]) -> dict[str, tuple[nn.Module, str]]:
     """{name: (module, part)}: the embedding first, then the linears in module order; part is "ffn",
     "attention", "head" or "embedding"."""
-    ffn = find_ffn_linears(model, cfg.target_patterns, cfg.min_features) if "ffn" in parts else {}
+    from hyperquant.multimodal.towers import find_towers
+
+    if find_towers(model) is None and cfg.towers != ["language"]:
+        raise HyperquantError(f"towers {','.join(cfg.towers)}: {type(model).__name__} is not a vision-language "
+                              f"model, it has only a language tower; drop --towers")
+    ffn = find_ffn_linears(model, cfg.target_patterns, cfg.min_features, towers=tuple(cfg.towers)) \
+        if "ffn" in parts else {}
     if cfg.target_patterns is not None or cfg.scope == "ffn":
         return {name: (module, "ffn") for name, module in ffn.items()}
     targets: dict[str, tuple[nn.Module, str]] = {}

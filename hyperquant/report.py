@@ -20,10 +20,28 @@ def fmt_ppl(value: float | None) -> str:
 
 
 SUMMARY_COLUMNS = ["model", "bytes", "FFN bytes", "bits/FFN weight", "params", "MACs/token", "perplexity"]
+# a vision-language model's rows also carry the image-conditioned figures
+CAPTION_COLUMNS = ["caption perplexity", "greedy caption agreement"]
+
+
+def _has_captions(rows: list[dict]) -> bool:
+    return any("caption_perplexity" in r for r in rows)
+
+
+def summary_columns(rows: list[dict]) -> list[str]:
+    return SUMMARY_COLUMNS + (CAPTION_COLUMNS if _has_captions(rows) else [])
+
+
+def _caption_cells(row: dict) -> list[str]:
+    agreement = row.get("caption_agreement")
+    return [fmt_ppl(row.get("caption_perplexity")),
+            "-" if agreement is None else f"{agreement:.1%} tokens, {row.get('caption_exact_match', 0):.0%} exact"]
 
 
 def summary_rows(rows: list[dict]) -> list[list[str]]:
-    """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells."""
+    """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells (and the caption
+    figures, when a row has them)."""
+    captions = _has_captions(rows)
     return [
         [
             r["label"],
@@ -33,6 +51,7 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
             f"{r['size']['params'] / 1e6:.1f} M",
             f"{r['size']['macs_per_token'] / 1e6:.1f} M",
             fmt_ppl(r.get("perplexity")),
+            *(_caption_cells(r) if captions else []),
         ]
         for r in rows
     ]
@@ -61,15 +80,22 @@ def compress_report_md(source: str, config: dict, rows: list[dict], log: list[di
         "",
         f"Source model: {source}",
         "",
-        markdown_table(SUMMARY_COLUMNS, summary_rows(rows)),
+        markdown_table(summary_columns(rows), summary_rows(rows)),
         "",
         "Bytes: the weights as stored (original: fp32; compressed: model.safetensors, packed codes + fp16 "
         "scales + zero points, other weights in " + config["rest_dtype"] + "). MACs/token: every linear layer.",
     ]
-    if protocol:
+    if protocol and "num_tokens" in protocol:
         parts.append(
             f"Perplexity: {protocol['num_tokens']} tokens of held-out Wikipedia text (or the given file), "
             f"context {protocol['context']}, stride {protocol['stride']}."
+        )
+    if protocol and protocol.get("caption_pairs"):
+        parts.append(
+            f"Caption perplexity: {protocol['caption_pairs']} image-caption pairs never calibrated or trained on "
+            f"({protocol['caption_tokens']} caption tokens), teacher-forced with the image and prompt as context. "
+            f"Greedy caption agreement: the share of the original model's greedy caption tokens (up to 24 per "
+            f"image) reproduced at the same position, and the share of identical captions."
         )
     parts += ["", f"Compression took {seconds:.1f} s.", "", "## Settings", "", "```",
               *(f"{k}: {v}" for k, v in config.items()), "```", "", "## Mean relative errors over layers", ""]

@@ -154,9 +154,18 @@ def test_training_step_on_meta_with_the_dense_teacher(stage, device, no_packed_c
         drop_dense(model, keep_teacher=True)
         assert not has_dense(model)
     model.to(device).train()
-    batch = torch.randint(0, 128, (2, 16), device=device)
-    sums = _micro_step(_meta_run(cfg, model), batch, lambda_kd=1.0)
+    ids = torch.randint(0, 128, (2, 16), device=device)
+    sums = _micro_step(_meta_run(cfg, model), {"input_ids": ids}, lambda_kd=1.0)
     assert _on([sums], device) and sums.shape == (4,)
+    # a padded batch's losses (image-caption pairs beside text rows; transformers' own mask building
+    # reads the attention mask, so the model forward of a padded batch cannot run on meta)
+    from hyperquant.train.losses import causal_lm_loss, kd_loss
+
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    logits = torch.randn(2, 16, 128, device=device, requires_grad=True)
+    losses = [causal_lm_loss(logits, ids.masked_fill(mask == 0, -100)), kd_loss(logits, logits.detach() * 2, 2.0, mask)]
+    assert _on(losses, device)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and _on(grads, device)
 
@@ -173,7 +182,7 @@ def test_separate_teacher_is_put_on_the_training_device(tiny_model_dir, device, 
     model = load_model(source)[0]
     prepare_model(model, cfg, {}, None)
     model.to(device).train()
-    batch = torch.randint(0, 100, (2, 16), device=device)
+    batch = {"input_ids": torch.randint(0, 100, (2, 16), device=device)}
     assert _on([_micro_step(_meta_run(cfg, model, teacher), batch, lambda_kd=1.0)], device)
 
 

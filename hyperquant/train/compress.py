@@ -26,7 +26,7 @@ def work_dir_for(out_dir: Path) -> Path:
 
 
 def train_and_compress(source, model, tokenizer, ccfg: CompressConfig, tcfg: TrainConfig, out_dir: Path,
-                       overwrite: bool, train_ids, evaluation, rows: list[dict]) -> dict:
+                       overwrite: bool, train_ids, evaluation, rows: list[dict], image_samples=None) -> dict:
     """Train ``model`` (loaded from ``source``) as ``tcfg`` says, evaluate the exported checkpoint and
     write it with its report to ``out_dir``. ``rows`` holds the original model's row; the compressed
     row is appended. Returns the training summary."""
@@ -39,7 +39,8 @@ def train_and_compress(source, model, tokenizer, ccfg: CompressConfig, tcfg: Tra
         log.warning("resuming the interrupted training run in %s", work)
     start = time.perf_counter()
     eval_ids = evaluation.eval_ids
-    summary = train(source, tcfg, train_ids=train_ids, eval_ids=eval_ids, model=model, tokenizer=tokenizer)
+    summary = train(source, tcfg, train_ids=train_ids, eval_ids=eval_ids, model=model, tokenizer=tokenizer,
+                    image_samples=image_samples)
     seconds = time.perf_counter() - start
     final_dir = Path(summary["final_dir"])
     trained = load(final_dir)

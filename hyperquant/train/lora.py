@@ -16,15 +16,16 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float) -> list[str]:
-    """Inject LoRA adapters in place into the linears whose names end with one of ``targets``.
+def add_lora(model: nn.Module, targets: list[str] | str, r: int, alpha: float) -> list[str]:
+    """Inject LoRA adapters in place into the linears whose names end with one of ``targets`` (or, a
+    string, whose names match it as a regular expression).
 
     Only the adapters are made trainable here; the caller decides about the other parameters.
     Returns the adapted module names."""
     from peft import LoraConfig, inject_adapter_in_model
 
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets if isinstance(targets, str) else list(targets), bias="none")
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
         if "lora_" in name:

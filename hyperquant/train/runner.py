@@ -78,7 +78,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
     """In place: wrap each FFN linear (PHM branch initialized from the dense weight), add LoRA, and set
     which parameters train. Returns the wrapped layer names."""
     c = cfg.compress
-    targets = find_ffn_linears(model, c.target_patterns, c.min_features)
+    targets = find_ffn_linears(model, c.target_patterns, c.min_features, towers=tuple(c.towers))
     activation = c.init == "activation" and init_ids is not None
     covs: dict[str, torch.Tensor] = {}
     fitted: dict[str, nn.Module] = {}
@@ -109,10 +109,21 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, layer_bases: dict[str, int
         if m.quantizer is not None and m.quantizer.learn_scales:
             m.quantizer.scales.requires_grad_(True)
     if cfg.lora_r > 0:
-        added = add_lora(model, cfg.lora_modules(), cfg.lora_r, cfg.lora_alpha)
+        added = add_lora(model, lora_targets(model, cfg.lora_modules()), cfg.lora_r, cfg.lora_alpha)
         if not added:
             raise HyperquantError(f"no attention linears match lora_targets={cfg.lora_modules()}")
     return list(targets)
+
+
+def lora_targets(model: nn.Module, suffixes: list[str]) -> list[str] | str:
+    """peft's target_modules: the name suffixes, or in a vision-language model a regular expression that
+    keeps them to the language tower (a CLIP or SigLIP encoder has q_proj/k_proj/v_proj too)."""
+    from hyperquant.multimodal.towers import find_towers
+
+    towers = find_towers(model)
+    if towers is None:
+        return suffixes
+    return rf"{re.escape(towers.language)}\..*\.({'|'.join(re.escape(t) for t in suffixes)})"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,6 +134,28 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ data
+def init_inputs(text_ids: torch.Tensor, image_samples: list | None, batch_size: int = 4):
+    """Calibration inputs of the PHM fit and the export: the text rows, then (a vision-language model)
+    one unpadded batch per image-caption pair."""
+    if not image_samples:
+        return text_ids
+    batches = [{"input_ids": text_ids[i : i + batch_size]} for i in range(0, len(text_ids), batch_size)]
+    return batches + [{k: v for k, v in s.inputs.items() if k != "labels"} for s in image_samples]
+
+
+def training_batch(train_ids: torch.Tensor, image_samples: list | None, rows: list[int], pad_id: int) -> dict:
+    """The model inputs of ``rows``: text rows are 0..len(train_ids)-1, image-caption pairs follow. Text
+    alone gives {"input_ids"} (every token scored); with pairs, sequences are padded and ``labels``
+    score the text rows everywhere and the pairs on their caption tokens."""
+    if not image_samples:
+        return {"input_ids": train_ids[rows]}
+    from hyperquant.multimodal.inputs import collate
+
+    text = len(train_ids)
+    samples = [{"input_ids": train_ids[r : r + 1]} if r < text else image_samples[r - text].inputs for r in rows]
+    return collate(samples, pad_id)
+
+
 def global_batch_rows(step: int, global_batch: int, num_rows: int, seed: int) -> list[int]:
     """Row indices of the global batch of optimizer step ``step`` (epochs reshuffled with seed + epoch)."""
     rows = []
@@ -222,14 +255,19 @@ def restore_cuda_rng(states: list[torch.Tensor]) -> None:
             torch.cuda.set_rng_state(rng, i)
 
 
-def run_fingerprint(source, cfg: TrainConfig, train_ids: torch.Tensor) -> dict:
+def run_fingerprint(source, cfg: TrainConfig, train_ids: torch.Tensor, image_samples: list | None = None) -> dict:
     """What a resumed run must share with the one that wrote the checkpoint: the model's files, the
-    training configuration (less where it is written and how it is watched) and the training tokens."""
+    training configuration (less where it is written and how it is watched) and the training tokens
+    (and image-caption inputs, pixels included)."""
     from hyperquant.models import model_identity
 
     config = {k: v for k, v in cfg.to_dict().items() if k not in RUNNER_FIELDS}
-    data = hashlib.sha256(train_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"model": model_identity(source), "config": config, "data": data}
+    digest = hashlib.sha256(train_ids.to(torch.int64).contiguous().numpy().tobytes())
+    for sample in image_samples or []:
+        for key in sorted(sample.inputs):
+            digest.update(key.encode())
+            digest.update(sample.inputs[key].contiguous().numpy().tobytes())
+    return {"model": model_identity(source), "config": config, "data": digest.hexdigest()}
 
 
 def check_fingerprint(saved: dict | None, current: dict, folder: Path) -> None:
@@ -357,6 +395,8 @@ class _Run:
     trainable: list
     train_ids: torch.Tensor
     eval_ids: torch.Tensor
+    image_samples: list | None  # a vision-language model's image-caption pairs (multimodal.inputs.CaptionSample)
+    pad_id: int
     output_dir: Path
     layer_bases: dict[str, int]
     history: list[dict]
@@ -468,11 +508,13 @@ def _step(run: _Run, step: int) -> dict:
                                           or (cfg.teacher == "dense" and has_teacher_dense(model)))
     lambda_kd = cfg.kd_weight * (mean_alpha if cfg.kd_ramp else 1.0) if kd_available else 0.0
     global_batch = cfg.per_device_batch_size * run.world * cfg.grad_accum_steps
-    rows = global_batch_rows(step, global_batch, len(run.train_ids), cfg.data_seed)
+    rows = global_batch_rows(step, global_batch, len(run.train_ids) + len(run.image_samples or []), cfg.data_seed)
     sums = torch.zeros(4, device=accelerator.device)  # loss, ce, kd, recon (means over micro-batches)
     for micro in range(cfg.grad_accum_steps):
         first = (micro * run.world + accelerator.process_index) * cfg.per_device_batch_size
-        batch = run.train_ids[rows[first : first + cfg.per_device_batch_size]].to(accelerator.device)
+        batch = training_batch(run.train_ids, run.image_samples, rows[first : first + cfg.per_device_batch_size],
+                               run.pad_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = micro == cfg.grad_accum_steps - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.wrapped):
             sums += _micro_step(run, batch, lambda_kd) / cfg.grad_accum_steps
@@ -488,23 +530,27 @@ def _step(run: _Run, step: int) -> dict:
             "tokens": (step + 1) * global_batch * cfg.seq_len}
 
 
-def _micro_step(run: _Run, batch: torch.Tensor, lambda_kd: float) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns (loss, ce, kd, recon), detached, on the batch's
-    device (read once per step, not synchronized per micro-batch)."""
+def _micro_step(run: _Run, batch: dict[str, torch.Tensor], lambda_kd: float) -> torch.Tensor:
+    """Forward and backward of one micro-batch (model inputs; ``labels`` when some positions are not
+    scored); returns (loss, ce, kd, recon), detached, on the batch's device (read once per step, not
+    synchronized per micro-batch)."""
     cfg, accelerator = run.cfg, run.accelerator
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     teacher_logits = None
     if lambda_kd > 0:
         with torch.no_grad(), accelerator.autocast():
             if run.teacher is not None:
-                teacher_logits = run.teacher(input_ids=batch, use_cache=False).logits
+                teacher_logits = run.teacher(**inputs, use_cache=False).logits
             else:
                 with fixed_alpha(run.model, 0.0), adapters_disabled(run.model):
-                    teacher_logits = run.model(input_ids=batch, use_cache=False).logits
+                    teacher_logits = run.model(**inputs, use_cache=False).logits
     with accelerator.autocast():
-        logits = run.wrapped(input_ids=batch, use_cache=False).logits
-    ce = causal_lm_loss(logits, batch, cfg.label_smoothing)
+        logits = run.wrapped(**inputs, use_cache=False).logits
+    ce = causal_lm_loss(logits, batch.get("labels", batch["input_ids"]), cfg.label_smoothing)
     loss = cfg.ce_weight * ce
-    kd = kd_loss(logits, teacher_logits, cfg.kd_temperature) if teacher_logits is not None else None
+    # padding is not distilled (every position of an unpadded batch is)
+    kd = kd_loss(logits, teacher_logits, cfg.kd_temperature, batch.get("attention_mask")) \
+        if teacher_logits is not None else None
     if kd is not None:
         loss = loss + lambda_kd * kd
     recon = reconstruction_loss(run.model) if cfg.recon_weight > 0 else None
@@ -560,8 +606,8 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
             # the export (GPTQ of the trained factors, then of attention and the head) is the CPU pipeline
             run.model.to("cpu")
 
-            final = finalize(run.model, cfg, run.train_ids[: cfg.init_samples], {"steps": done, "final_eval": ev["ppl"]},
-                             heldout_ids=run.heldout_ids)
+            final = finalize(run.model, cfg, init_inputs(run.train_ids[: cfg.init_samples], run.image_samples),
+                             {"steps": done, "final_eval": ev["ppl"]}, heldout_ids=run.heldout_ids)
             summary["exported_ppl"] = validation_perplexity(final, run.eval_ids, cfg)["1"]
             summary["final_dir"] = str(save_compressed(final, run.output_dir / "final", tokenizer,
                                                        overwrite=cfg.overwrite))
@@ -570,9 +616,30 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     return summary
 
 
+def _vision_language_data(source, model: nn.Module, tokenizer, image_samples: list | None):
+    """(what the export saves beside the checkpoint, the image-caption pairs to train on): a vision-
+    language model's processor and, unless given, the shipped calibration photographs' pairs."""
+    from hyperquant.multimodal.towers import is_vision_language
+
+    if not is_vision_language(model.config):
+        if image_samples:
+            raise HyperquantError("image-caption pairs need a vision-language model; this one is text-only")
+        return tokenizer, None
+    if not hasattr(tokenizer, "image_processor"):
+        from hyperquant.models import load_processor
+
+        tokenizer = load_processor(source.folder)
+    if image_samples is None:
+        from hyperquant.multimodal.images import shipped_pairs
+        from hyperquant.multimodal.inputs import caption_samples
+
+        image_samples = caption_samples(tokenizer, shipped_pairs("calibration"))
+    return tokenizer, image_samples
+
+
 def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
           eval_ids: torch.Tensor | None = None, stop_after: int | None = None,
-          model: nn.Module | None = None, tokenizer=None) -> dict:
+          model: nn.Module | None = None, tokenizer=None, image_samples: list | None = None) -> dict:
     """Train the PHM replacement of ``model_dir``'s FFNs (None = the embedded default model) and export it.
 
     Writes to cfg.output_dir: checkpoints/step-N (resumable), metrics.csv/.jsonl, eval.jsonl,
@@ -580,7 +647,9 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     checkpoint, when cfg.export). ``train_ids`` (rows of seq_len tokens) and ``eval_ids`` (1-D) replace
     the default Wikipedia calibration/evaluation text. ``stop_after``: leave after this many optimizer steps
     with a checkpoint (a time-limited job; run again with resume to continue). ``model`` and ``tokenizer``:
-    the already loaded ``model_dir`` (trained in place) instead of loading it again. Returns the summary."""
+    the already loaded ``model_dir`` (trained in place) instead of loading it again. ``image_samples``: a
+    vision-language model's image-caption pairs (`multimodal.inputs.CaptionSample`), trained on beside
+    the text rows and part of the PHM fit's and the export's calibration. Returns the summary."""
     from hyperquant.data import calibration_ids, eval_tokens
     from hyperquant.models import load_model, resolve_source
 
@@ -594,20 +663,22 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     source = resolve_source(model_dir)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(source)
+    tokenizer, image_samples = _vision_language_data(source, model, tokenizer, image_samples)
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds the tokenizer
     from hyperquant.models import check_sequence_length
 
     check_sequence_length(model.config, cfg.seq_len, "seq_len")
     if train_ids is None:
-        train_ids = calibration_ids(tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
+        train_ids = calibration_ids(text_tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
     train_ids = train_ids[:, : cfg.seq_len]
-    fingerprint = run_fingerprint(source, cfg, train_ids)  # of all the rows, held-out ones included
+    fingerprint = run_fingerprint(source, cfg, train_ids, image_samples)  # of all the rows, held-out ones included
     heldout_ids = None
     held = cfg.compress.heldout_samples
     if held and cfg.export and len(train_ids) > held + cfg.init_samples:
         # the last rows are never trained on: the export measures each layer's error on them
         train_ids, heldout_ids = train_ids[:-held], train_ids[-held:]
     if eval_ids is None:
-        eval_ids = eval_tokens(tokenizer, cfg.eval_tokens)
+        eval_ids = eval_tokens(text_tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
     state, ckpt = _resume_state(cfg, output_dir, fingerprint)
@@ -621,7 +692,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     layer_bases, capacity = _assign_bases(cfg, model, train_ids, state, main, output_dir)
     teacher = _frozen_teacher(cfg, source, accelerator.device)
 
-    prepare_model(model, cfg, layer_bases, None if state is not None else train_ids[: cfg.init_samples])
+    prepare_model(model, cfg, layer_bases,
+                  None if state is not None else init_inputs(train_ids[: cfg.init_samples], image_samples))
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model, keep_teacher=keeps_teacher(cfg))
@@ -645,7 +717,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(cfg=cfg, template=template, accelerator=accelerator, model=accelerator.unwrap_model(wrapped),
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher, trainable=trainable,
-               train_ids=train_ids, eval_ids=eval_ids, output_dir=output_dir, layer_bases=layer_bases,
+               train_ids=train_ids, eval_ids=eval_ids, image_samples=image_samples,
+               pad_id=getattr(text_tokenizer, "pad_token_id", None) or 0, output_dir=output_dir, layer_bases=layer_bases,
                history=list(state.get("history", [])) if state else [], log=RunLog(output_dir, main, start_step),
                start_step=start_step, replans=replans, capacity=capacity, fingerprint=fingerprint,
                heldout_ids=heldout_ids)

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -58,3 +59,19 @@ def test_self_teacher_is_the_dense_model_without_lora_and_lora_merges():
         with fixed_alpha(model, 1.0):
             after_merge = model(input_ids=ids).logits
     torch.testing.assert_close(after_merge, before_merge, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_losses_score_only_the_kept_positions():
+    """Padding (attention mask 0) is not distilled and label -100 is not scored: each equals the loss
+    of the kept positions alone."""
+    from hyperquant.train.losses import causal_lm_loss, kd_loss
+
+    student, teacher = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    per_row = kd_loss(student[0:1], teacher[0:1], 2.0) * 6 + kd_loss(student[1:2, :3], teacher[1:2, :3], 2.0) * 3
+    assert float(kd_loss(student, teacher, 2.0, mask)) == pytest.approx(float(per_row) / 9, rel=1e-5)
+    ids = torch.randint(0, 11, (2, 6))
+    labels = ids.masked_fill(mask == 0, -100)
+    alone = torch.nn.functional.cross_entropy(torch.cat([student[0, :5], student[1, :2]]),
+                                              torch.cat([ids[0, 1:], ids[1, 1:3]]))
+    assert float(causal_lm_loss(student, labels)) == pytest.approx(float(alone), rel=1e-5)
