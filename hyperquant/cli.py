@@ -153,6 +153,7 @@ def compress(
     from hyperquant.atomic import check_output_dir
 
     check_output_dir(out_dir, overwrite, _input_paths(model, calib_text, images))
+    _check_vision_options(model, tower_list, images)
     image_pairs = None
     if images is not None:
         from hyperquant.multimodal.images import read_pairs
@@ -177,6 +178,19 @@ def compress(
 
         calib_texts = [read_text_file(calib_text)]
     run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs)
+
+
+def _check_vision_options(model_arg, towers: list[str], images) -> None:
+    """--towers beyond the language model and --images need a vision-language folder: told before loading."""
+    from hyperquant.models import is_vision_language_source, resolve_source
+
+    if towers == ["language"] and images is None:
+        return
+    source = resolve_source(model_arg)
+    if not is_vision_language_source(source):
+        option = f"--images {images}" if images is not None else f"--towers {','.join(towers)}"
+        _fail(f"{option}: {source} is a text model (no vision tower); image-caption data and the vision or "
+              f"projector towers need a vision-language model folder (drop the option)")
 
 
 def _image_data(source, model, image_pairs, heldout_pairs: int):
@@ -323,7 +337,11 @@ def eval_cmd(
     image_pairs = None
     if images is not None:
         from hyperquant.multimodal.images import read_pairs
+        from hyperquant.multimodal.towers import is_vision_language_dict
 
+        config_file = path / "config.json"
+        if not (path.is_dir() and config_file.is_file() and is_vision_language_dict(json.loads(config_file.read_text()))):
+            _fail(f"--images: {folder} is not a vision-language model folder; image-caption pairs need one")
         image_pairs = read_pairs(images)
     if is_hyperquant_checkpoint(path):
         model = load(path)
@@ -544,9 +562,11 @@ def report(
 
     check_output_dir(out_dir, overwrite, _input_paths(cfg.model, config))
     if cfg.model is not None:
-        from hyperquant.models import resolve_source
+        from hyperquant.models import is_vision_language_source, resolve_source
 
-        resolve_source(cfg.model)  # a wrong path fails before any work
+        if is_vision_language_source(resolve_source(cfg.model)):  # a wrong path fails before any work too
+            _fail(f"{cfg.model} is a vision-language model; the tradeoff report sweeps text models only (compress "
+                  f"and evaluate it with hyperquant compress / eval)")
     from hyperquant.checkpoint import read_hyperquant_config
 
     for point in cfg.points:  # a checkpoint point that is not there fails now, not after the sweep

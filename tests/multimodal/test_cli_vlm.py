@@ -73,11 +73,14 @@ def test_vision_language_refusals(vlm_dirs, tiny_model_dir, tmp_path):
     Image.new("RGB", (8, 8)).save(pairs / "x.png")
     cases = [
         (["compress", vlm_dirs["llava"], "--towers", "language,audio"], "towers 'audio'"),
-        (["compress", tiny_model_dir, "--no-train", "--towers", "vision", *SMALL], "not a vision-language model"),
-        (["compress", tiny_model_dir, "--no-train", "--images", pairs, *SMALL], "caption file x.txt"),
+        (["compress", tiny_model_dir, "--no-train", "--towers", "vision", *SMALL], "is a text model"),
+        (["compress", tiny_model_dir, "--no-train", "--images", pairs, *SMALL], "is a text model"),
         (["compress", vlm_dirs["llava"], "--no-train", "--images", tmp_path / "none", *SMALL], "does not exist"),
         (["compress", no_processor, "--no-train", *SMALL], "save the model's processor beside it"),
-        (["eval", tiny_model_dir, "--images", pairs], "caption file x.txt"),
+        (["compress", vlm_dirs["llava"], "--no-train", "--images", pairs, *SMALL], "caption file x.txt"),
+        (["eval", tiny_model_dir, "--images", pairs], "not a vision-language model folder"),
+        (["eval", vlm_dirs["llava"], "--images", pairs], "caption file x.txt"),
+        (["report", vlm_dirs["llava"], "--out", tmp_path / "r"], "sweeps text models only"),
     ]
     for args, message in cases:
         out = tmp_path / "o"
@@ -86,5 +89,7 @@ def test_vision_language_refusals(vlm_dirs, tiny_model_dir, tmp_path):
         assert message in result.output and "Traceback" not in result.output, (args, result.output)
         assert not out.exists()
     (pairs / "x.txt").write_text("A black square.\n")
-    result = _run("compress", tiny_model_dir, "--no-train", "--images", pairs, "--out", tmp_path / "o", *SMALL)
-    assert result.exit_code == 2 and "is a text model" in result.output
+    out = tmp_path / "own-pairs"
+    result = _run("compress", vlm_dirs["llava"], "--no-train", "--images", pairs, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").is_file()
