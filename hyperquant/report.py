@@ -28,8 +28,16 @@ def _has_captions(rows: list[dict]) -> bool:
     return any("caption_perplexity" in r for r in rows)
 
 
+SECOND_DOMAIN_COLUMN = "perplexity (Python docs)"
+
+
+def _has_second_domain(rows: list[dict]) -> bool:
+    return any("perplexity_second_domain" in r for r in rows)
+
+
 def summary_columns(rows: list[dict]) -> list[str]:
-    return SUMMARY_COLUMNS + (CAPTION_COLUMNS if _has_captions(rows) else [])
+    return SUMMARY_COLUMNS + ([SECOND_DOMAIN_COLUMN] if _has_second_domain(rows) else []) + \
+        (CAPTION_COLUMNS if _has_captions(rows) else [])
 
 
 def _caption_cells(row: dict) -> list[str]:
@@ -41,7 +49,7 @@ def _caption_cells(row: dict) -> list[str]:
 def summary_rows(rows: list[dict]) -> list[list[str]]:
     """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells (and the caption
     figures, when a row has them)."""
-    captions = _has_captions(rows)
+    captions, second = _has_captions(rows), _has_second_domain(rows)
     return [
         [
             r["label"],
@@ -51,6 +59,7 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
             f"{r['size']['params'] / 1e6:.1f} M",
             f"{r['size']['macs_per_token'] / 1e6:.1f} M",
             fmt_ppl(r.get("perplexity")),
+            *([fmt_ppl(r.get("perplexity_second_domain"))] if second else []),
             *(_caption_cells(r) if captions else []),
         ]
         for r in rows
@@ -89,6 +98,8 @@ def compress_report_md(source: str, config: dict, rows: list[dict], log: list[di
         parts.append(
             f"Perplexity: {protocol['num_tokens']} tokens of held-out Wikipedia text (or the given file), "
             f"context {protocol['context']}, stride {protocol['stride']}."
+            + (f" Perplexity (Python docs): the same protocol on the {protocol['second_domain']}, a second domain "
+               f"never used for calibration or training." if protocol.get("second_domain") else "")
         )
     if protocol and protocol.get("caption_pairs"):
         parts.append(

@@ -33,6 +33,22 @@ def test_compress_eval_info(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"][1]["size"]["bytes"] < summary["rows"][0]["size"]["bytes"]
     assert "perplexity" in (out / "report.md").read_text()
+    # the second domain (Python language reference) beside the Wikipedia split, same protocol
+    from hyperquant.evals import PerplexityProtocol, perplexity
+    from transformers import AutoTokenizer
+
+    from hyperquant.checkpoint import load
+    from hyperquant.data import second_domain_tokens
+
+    row = summary["rows"][1]
+    ids = second_domain_tokens(AutoTokenizer.from_pretrained(out), summary["protocol"]["num_tokens"])
+    protocol = PerplexityProtocol(**{k: summary["protocol"][k] for k in ("context", "stride", "num_tokens")})
+    assert row["perplexity_second_domain"] == pytest.approx(perplexity(load(out), ids, protocol)["perplexity"],
+                                                           rel=1e-6)
+    assert row["perplexity_second_domain"] != pytest.approx(row["perplexity"])
+    assert "Python language reference" in (out / "report.md").read_text()
+    result = run("eval", out, "--eval-tokens", summary["protocol"]["num_tokens"], "--no-latency")
+    assert result.exit_code == 0 and "Python language reference" in result.output
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")

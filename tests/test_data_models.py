@@ -1,6 +1,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from hyperquant import HyperquantError
 from hyperquant.data import calibration_ids, eval_tokens, is_eval_article, split_articles, wiki_articles
@@ -50,3 +51,21 @@ def test_model_paths_are_checked(tmp_path):
     gguf.write_bytes(b"")
     assert resolve_source(gguf).gguf_file == "m.gguf"
     assert default_model_source().gguf_file.endswith(".gguf")
+
+
+def test_the_second_domain_is_the_python_reference_and_never_wikipedia():
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    from hyperquant.data import second_domain_tokens
+    from tests.conftest import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    ids = second_domain_tokens(tokenizer, 300)
+    assert len(ids) == 300 and torch.equal(ids, second_domain_tokens(tokenizer, 300))
+    first = topics[min(topics)].strip()
+    assert tokenizer.decode(ids[:20]) == tokenizer.decode(tokenizer(first, add_special_tokens=False)["input_ids"][:20])
+    calib, evaluation = split_articles()
+    assert not any(first[:200] in text for text in calib + evaluation)
+    assert not torch.equal(calibration_ids(tokenizer, 1, 300)[0], ids)

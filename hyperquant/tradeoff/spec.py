@@ -22,7 +22,7 @@ BASELINE_METHODS = ("bnb-nf4", "gptqmodel")
 QUANTIZERS = ("rtn", "gptq")
 # bump when the measurement itself changes (3: whole-model points, fused-graph latency; 4: held-out
 # per-layer errors)
-SWEEP_VERSION = 4
+SWEEP_VERSION = 5  # 5: every point also measures the second domain's perplexity
 # The calibration fields a sweep sets for every point (SweepConfig.calib_samples / calib_seq_len).
 _SWEEP_CALIB = ("calib_samples", "calib_seq_len")
 _FAMILY_OF_KIND = {"dense-quant": "dense", "phm-float": "phm", "phm-quant": "phm"}

@@ -47,6 +47,7 @@ class Context:
     calib: torch.Tensor
     heldout: torch.Tensor | None  # calibration-text sequences never fitted on: the per-layer errors' data
     eval_ids: torch.Tensor
+    second_ids: torch.Tensor  # the second evaluation domain (data.second_domain_tokens)
     protocol: object
     cache: Path
     ffn_names: list[str]
@@ -219,6 +220,8 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
     }
     start = time.perf_counter()
     metrics["perplexity"] = perplexity(model, ctx.eval_ids, ctx.protocol)["perplexity"]
+    # the second domain (never calibrated or trained on), same protocol
+    metrics["perplexity_second_domain"] = perplexity(model, ctx.second_ids, ctx.protocol)["perplexity"]
     metrics["eval_seconds"] = time.perf_counter() - start
     onnx = None
     no_latency = why_no_latency(spec, model if spec.method == "checkpoint" else None) if ctx.cfg.latency \
@@ -242,7 +245,7 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- running
 def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     from hyperquant.convert import find_ffn_linears, linear_weight
-    from hyperquant.data import calibration_split, eval_tokens
+    from hyperquant.data import calibration_split, eval_tokens, second_domain_tokens
     from hyperquant.evals import PerplexityProtocol
     from hyperquant.models import load_model, resolve_source
 
@@ -254,7 +257,7 @@ def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     calib, heldout = calibration_split(tokenizer, cfg.calib_samples, CompressConfig.heldout_samples, cfg.calib_seq_len)
     return Context(
         cfg=cfg, source=source, model=model, tokenizer=tokenizer, calib=calib, heldout=heldout,
-        eval_ids=eval_tokens(tokenizer, needed),
+        eval_ids=eval_tokens(tokenizer, needed), second_ids=second_domain_tokens(tokenizer, cfg.eval_tokens),
         protocol=PerplexityProtocol(context=cfg.eval_context, stride=cfg.eval_context, num_tokens=cfg.eval_tokens),
         cache=cache, ffn_names=list(ffn),
         original_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
@@ -315,12 +318,15 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, cache_dir: str | os.
         if bar is not None:
             bar.close()
     _time_exports(points, ctx)
+    from hyperquant.data import second_domain_name
+
     meta = {
         "model": str(ctx.source),
         "command": command,
         "created": _now(),
         "machine": _machine(cfg.latency_threads),
         "protocol": {"perplexity": ctx.protocol.to_dict(), "text": "held-out Wikipedia split (hash of title)",
+                     "second_domain": second_domain_name(),
                      "calibration": f"{cfg.calib_samples} x {cfg.calib_seq_len} tokens of the calibration split",
                      "latency": (f"onnxruntime CPU, {cfg.latency_threads} threads, batch 1, prefill "
                                  f"{cfg.prompt_tokens} tokens then {cfg.decode_tokens} decode steps with the KV "

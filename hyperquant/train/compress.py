@@ -17,7 +17,8 @@ from pathlib import Path
 from hyperquant.config import CompressConfig
 from hyperquant.train.config import TrainConfig
 
-TRAIN_LOGS = ("metrics.csv", "eval.jsonl", "plan.jsonl", "summary.json", "capacity.json", "capacity.md")
+TRAIN_LOGS = ("metrics.csv", "eval.jsonl", "plan.jsonl", "summary.json", "capacity.json", "capacity.md",
+              "generation.json", "blockwise.json")
 log = logging.getLogger(__name__)
 
 

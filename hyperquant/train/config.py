@@ -40,6 +40,13 @@ class TrainConfig:
     # reads 40 % of it, so no sequence is seen twice)
     train_samples: int = 2048
     data_seed: int = 0
+    # Teacher-generated distillation data (hyperquant.train.generated): this share of the rows the steps
+    # read are sequences sampled from the dense model itself (seeded, cached), the rest calibration text.
+    generated_fraction: float = 0.0
+    generation_temperature: float = 1.0
+    generation_top_k: int = 0  # 0: sample from the whole vocabulary
+    generation_seed: int = 0
+    generation_cache: str | None = None  # folder of the cached samples; None = ~/.cache/hyperquant/generated
     per_device_batch_size: int = 4
     grad_accum_steps: int = 1
     # The schedule's shape is stated for max_steps (200 steps x 1024 tokens: `hyperquant compress`'s
@@ -68,6 +75,12 @@ class TrainConfig:
     # calibration sequences (of seq_len tokens) for the initial fit and the export Hessians; training
     # does not read compress.calib_samples / calib_seq_len
     init_samples: int = 16
+    # Block-wise first stage (hyperquant.train.blockwise): before the end-to-end steps, each block's PHM
+    # layers train this many Adam steps to reproduce the dense block on the compressed prefix's outputs
+    # (0: none), on the first blockwise_samples training rows, batch per_device_batch_size.
+    blockwise_steps: int = 0
+    blockwise_lr: float = 1e-3
+    blockwise_samples: int = 16
     train_bias: bool = True
     # residual interpolation: the PHM branch fades in over the first 30 % of the steps (cosine, bottom-up
     # stagger), then Stage B keeps only the PHM layers
@@ -128,6 +141,13 @@ class TrainConfig:
         for name in positive:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
         need(self.seq_len >= 8, "seq_len must be >= 8")
+        need(isinstance(self.blockwise_steps, int) and self.blockwise_steps >= 0 and self.blockwise_lr > 0
+             and isinstance(self.blockwise_samples, int) and self.blockwise_samples >= 1,
+             "blockwise_steps must be an integer >= 0, blockwise_lr > 0 and blockwise_samples >= 1")
+        need(isinstance(self.generated_fraction, (int, float)) and 0 <= self.generated_fraction <= 1,
+             f"generated_fraction={self.generated_fraction} must be in [0, 1] (the share of teacher-generated rows)")
+        if self.generated_fraction > 0:
+            self.generation_settings(1)  # validates temperature and top_k
         need(self.lr > 0 and (self.lora_lr is None or self.lora_lr > 0), "lr and lora_lr must be > 0")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
@@ -170,6 +190,13 @@ class TrainConfig:
     @property
     def stage_b(self) -> int:
         return self.fade_steps if self.stage_b_step is None else self.stage_b_step
+
+    def generation_settings(self, sequences: int):
+        """The GenerationSettings of ``sequences`` teacher-generated rows of seq_len tokens."""
+        from hyperquant.train.generated import GenerationSettings
+
+        return GenerationSettings(sequences=sequences, seq_len=self.seq_len, temperature=self.generation_temperature,
+                                  top_k=self.generation_top_k, seed=self.generation_seed)
 
     def scaled_to(self, max_steps: int) -> TrainConfig:
         """This schedule stretched or shrunk to ``max_steps`` optimizer steps (every step-valued option

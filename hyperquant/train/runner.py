@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -182,7 +183,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 # TrainConfig fields that only say how a run is watched or where it goes: a resume may change them.
 RUNNER_FIELDS = ("output_dir", "resume", "progress", "num_threads", "device", "overwrite", "export", "eval_every", "save_every",
-                 "eval_tokens", "eval_context", "eval_alphas")
+                 "eval_tokens", "eval_context", "eval_alphas", "generation_cache")
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -616,6 +617,52 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     return summary
 
 
+def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, heldout_ids, output_dir: Path,
+                           main: bool) -> list[dict]:
+    """The block-wise stage of a new run (a resumed one has its result in the checkpoint); its per-block
+    held-out errors go to blockwise.json."""
+    from hyperquant.train.blockwise import blockwise_stage
+
+    fit = train_ids[: cfg.blockwise_samples]
+    # held-out rows: the calibration rows never trained on, else the last training rows (not fitted here)
+    held = heldout_ids if heldout_ids is not None else train_ids[-max(1, cfg.per_device_batch_size):]
+    records = blockwise_stage(model, fit, held, cfg.blockwise_steps, cfg.blockwise_lr, cfg.per_device_batch_size)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tokens = cfg.blockwise_steps * len(records) * min(cfg.per_device_batch_size, len(fit)) * cfg.seq_len
+        (output_dir / "blockwise.json").write_text(json.dumps(
+            {"block_tokens": tokens, "heldout_rows": len(held), "blocks": records}, indent=2))
+    return records
+
+
+def default_generation_cache() -> Path:
+    return Path(os.environ.get("HYPERQUANT_CACHE", Path.home() / ".cache" / "hyperquant")) / "generated"
+
+
+def _with_teacher_samples(cfg: TrainConfig, source, model: nn.Module, tokenizer, train_ids: torch.Tensor):
+    """The training rows with ``generated_fraction`` of them sampled from the (still dense) model: cached
+    by model and settings, so a resumed or repeated run trains on the same rows."""
+    from hyperquant.models import model_identity
+    from hyperquant.train.generated import mix_rows, teacher_sequences
+
+    # Only the rows the run reads are mixed (the steps draw a seeded permutation of all rows, so a mixture
+    # of the whole text set would put a diluted share in front of the model): the training set becomes as
+    # many rows as the steps read, that share of them generated.
+    # (A time budget does not know its steps yet: there, all rows.)
+    if cfg.max_minutes is None:
+        read = cfg.max_steps * cfg.per_device_batch_size * cfg.grad_accum_steps
+        train_ids = train_ids[: max(1, min(len(train_ids), read))]
+    count = round(cfg.generated_fraction * len(train_ids))
+    if count == 0:
+        return train_ids, None
+    settings = cfg.generation_settings(count)
+    cache = Path(cfg.generation_cache) if cfg.generation_cache else default_generation_cache()
+    vocab = model.config.get_text_config().vocab_size
+    generated, info = teacher_sequences(model, settings, model_identity(source), cache,
+                                        getattr(tokenizer, "bos_token_id", None), vocab)
+    return mix_rows(train_ids, generated, cfg.generated_fraction, cfg.data_seed), {**info, "rows": count}
+
+
 def _vision_language_data(source, model: nn.Module, tokenizer, image_samples: list | None):
     """(what the export saves beside the checkpoint, the image-caption pairs to train on): a vision-
     language model's processor and, unless given, the shipped calibration photographs' pairs."""
@@ -677,6 +724,12 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     if held and cfg.export and len(train_ids) > held + cfg.init_samples:
         # the last rows are never trained on: the export measures each layer's error on them
         train_ids, heldout_ids = train_ids[:-held], train_ids[-held:]
+    if cfg.generated_fraction > 0:
+        train_ids, generation = _with_teacher_samples(cfg, source, model, text_tokenizer, train_ids)
+        if generation is not None and main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "generation.json").write_text(json.dumps(
+                {**generation, "settings": cfg.generation_settings(generation["rows"]).key()}, indent=2))
     if eval_ids is None:
         eval_ids = eval_tokens(text_tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
@@ -694,6 +747,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
 
     prepare_model(model, cfg, layer_bases,
                   None if state is not None else init_inputs(train_ids[: cfg.init_samples], image_samples))
+    if state is None and cfg.blockwise_steps > 0:
+        _blockwise_first_stage(cfg, model, train_ids, heldout_ids, output_dir, main)
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model, keep_teacher=keeps_teacher(cfg))

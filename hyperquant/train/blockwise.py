@@ -1,0 +1,102 @@
+"""Block-wise distillation, the cheap first stage before end-to-end KD (as AQLM, QuIP# and OmniQuant
+reconstruct block by block): each decoder block's PHM layers are trained to reproduce the dense block's
+output on cached inputs from the already trained (compressed) blocks before it.
+
+Block i sees the hidden states that blocks 0..i-1 give at alpha = 1 (their PHM branch, as trained just
+before), its target is the dense block on those same inputs, and its loss the relative squared error
+||block_phm(x) - block_dense(x)||^2 / ||block_dense(x)||^2. Each block's error is measured on held-out
+rows before and after its training.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from hyperquant.convert import block_index
+from hyperquant.pipeline import _capture_block_inputs, _run_block
+from hyperquant.train.interp import InterpolatedLinear, interpolated_layers
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _set_alpha(layers: list[InterpolatedLinear], alpha: float) -> None:
+    for layer in layers:
+        layer.alpha = alpha
+
+
+@torch.no_grad()
+def _relative_error(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]) -> float:
+    num = den = 0.0
+    for (args, kwargs), target in zip(inputs, targets):
+        out = _hidden(block(*args, **kwargs)).float()
+        num += float((out - target).pow(2).sum())
+        den += float(target.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.Tensor, steps: int, lr: float,
+                    batch_size: int = 4, progress=None) -> list[dict]:
+    """Train each block's interpolated layers (their PHM factors, at alpha = 1) for ``steps`` Adam steps
+    on ``fit_ids``, block by block; returns one record per block with its held-out relative error before
+    and after. Every layer's alpha is 0 again afterwards (the end-to-end schedule sets it)."""
+    layers = interpolated_layers(model)
+    by_block: dict[int, list[InterpolatedLinear]] = {}
+    list_name = None
+    for name, layer in layers.items():
+        list_name, idx = block_index(name)
+        by_block.setdefault(idx, []).append(layer)
+    if list_name is None:
+        return []
+    blocks = model.get_submodule(list_name)
+    was_training = model.training
+    model.eval()  # no dropout, and no reconstruction bookkeeping in the layers
+    everything = list(layers.values())
+    _set_alpha(everything, 0.0)
+    with torch.no_grad():
+        fit = _capture_block_inputs(model, blocks[0], [{"input_ids": fit_ids[i : i + batch_size]}
+                                                         for i in range(0, len(fit_ids), batch_size)])
+        held = _capture_block_inputs(model, blocks[0], [{"input_ids": heldout_ids[i : i + batch_size]}
+                                                          for i in range(0, len(heldout_ids), batch_size)])
+    records = []
+    try:
+        for idx in range(max(by_block) + 1):
+            block, trained = blocks[idx], by_block.get(idx, [])
+            if trained:
+                start = time.perf_counter()
+                _set_alpha(trained, 0.0)
+                with torch.no_grad():  # the dense block on the compressed prefix's outputs
+                    fit_targets = [_hidden(block(*a, **k)).float() for a, k in fit]
+                    held_targets = [_hidden(block(*a, **k)).float() for a, k in held]
+                _set_alpha(trained, 1.0)
+                before = _relative_error(block, held, held_targets)
+                params = [p for layer in trained for p in layer.phm.parameters() if p.requires_grad]
+                optimizer = torch.optim.Adam(params, lr=lr)
+                losses = []
+                for step in range(steps):
+                    args, kwargs = fit[step % len(fit)]
+                    target = fit_targets[step % len(fit)]
+                    out = _hidden(block(*args, **kwargs)).float()
+                    loss = (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                after = _relative_error(block, held, held_targets)
+                records.append({"block": idx, "layers": len(trained), "steps": steps,
+                                "heldout_error_before": before, "heldout_error_after": after,
+                                "fit_loss_first": losses[0] if losses else None,
+                                "fit_loss_last": losses[-1] if losses else None,
+                                "time_s": time.perf_counter() - start})
+            with torch.no_grad():  # the next block's inputs: this block as compressed
+                fit, held = _run_block(block, fit), _run_block(block, held)
+            if progress is not None:
+                progress(idx + 1, len(blocks))
+    finally:
+        _set_alpha(everything, 0.0)
+        model.train(was_training)
+    return records
