@@ -343,7 +343,11 @@ def eval_cmd(
         from hyperquant.multimodal.towers import is_vision_language_dict
 
         config_file = path / "config.json"
-        if not (path.is_dir() and config_file.is_file() and is_vision_language_dict(json.loads(config_file.read_text()))):
+        try:
+            config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else {}
+        except (ValueError, UnicodeDecodeError):
+            config = {}  # a damaged config.json is told by the loader below, in its own words
+        if not is_vision_language_dict(config if isinstance(config, dict) else {}):
             _fail(f"--images: {folder} is not a vision-language model folder; image-caption pairs need one")
         image_pairs = read_pairs(images)
     if is_hyperquant_checkpoint(path):

@@ -64,8 +64,12 @@ def generate_sequences(model: nn.Module, settings: GenerationSettings, bos_id: i
                        vocab_size: int) -> torch.Tensor:
     """(sequences, seq_len) token ids sampled from ``model`` (eval mode, KV cache); reproducible from the
     seed: the sampling runs on the CPU generator whatever the model's device."""
+    import inspect
+
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
+    # transformers 5 names the KV cache `cache` (older releases: past_key_values)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
     rows = []
@@ -77,12 +81,13 @@ def generate_sequences(model: nn.Module, settings: GenerationSettings, bos_id: i
             else:
                 tokens = torch.randint(0, vocab_size, (count, 1), generator=generator)
             out = model(input_ids=tokens.to(device), use_cache=True)
-            past = out.past_key_values
             for _ in range(settings.seq_len - 1):
                 step = _sample(out.logits[:, -1], settings, generator)
                 tokens = torch.cat([tokens, step], dim=1)
-                out = model(input_ids=step.to(device), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                past = getattr(out, cache_name, None)
+                if past is None:
+                    past = out.past_key_values
+                out = model(input_ids=step.to(device), use_cache=True, **{cache_name: past})
             rows.append(tokens)
     finally:
         model.train(was_training)
