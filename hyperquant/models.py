@@ -119,7 +119,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
                                                                use_safetensors=None if source.gguf_file else True,
                                                                **kwargs)
     except Exception as e:  # noqa: BLE001 - torn, truncated or foreign files raise anything from any layer
-        raise HyperquantError(f"could not load a {'vision-language model' if auto is AutoModelForImageTextToText else 'causal LM'} from {source} (damaged or unsupported files?): "
+        what = "vision-language model" if auto is AutoModelForImageTextToText else "causal LM"
+        raise HyperquantError(f"could not load a {what} from {source} (damaged or unsupported files?): "
                               f"{first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
     if missing or info.get("mismatched_keys"):
