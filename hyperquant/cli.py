@@ -215,14 +215,6 @@ def _image_data(source, model, image_pairs, heldout_pairs: int):
     return processor, fit, heldout, caption_samples(processor, shipped_pairs("evaluation"))
 
 
-def _with_images(text_ids, samples, batch_size: int = 8) -> list[dict] | None:
-    """Calibration batches: the text rows, then one batch per image-caption pair (unpadded)."""
-    if text_ids is None:
-        return None
-    batches = [{"input_ids": text_ids[i : i + batch_size]} for i in range(0, len(text_ids), batch_size)]
-    return batches + [{k: v for k, v in s.inputs.items() if k != "labels"} for s in samples or []]
-
-
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
                  train_cfg=None, image_pairs=None) -> None:
     from hyperquant.atomic import check_free_space
@@ -293,7 +285,9 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     if calib is not None:
         log.info("calibrating on %d x %d tokens", calib.shape[0], calib.shape[1])
     if processor is not None:
-        calib, heldout = _with_images(calib, image_fit), _with_images(heldout, image_heldout)
+        from hyperquant.multimodal.inputs import with_image_batches
+
+        calib, heldout = with_image_batches(calib, image_fit), with_image_batches(heldout, image_heldout)
     result = compress_to_folder(model, saved_with, cfg, out_dir, source=str(source), calib=calib,
                                 evaluation=evaluation, overwrite=overwrite, rows=rows, heldout=heldout)
     _print_table(summary_columns(rows + [result.row]), summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")

@@ -103,3 +103,12 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
     if "attention_mask" in batch and "labels" in batch:
         batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE)
     return batch
+
+
+def with_image_batches(text_ids: torch.Tensor | None, samples: list[CaptionSample] | None, batch_size: int = 8):
+    """Calibration inputs: the text rows (batches of ``batch_size``), then one unpadded batch per
+    image-caption pair, labels dropped. Without pairs, the text rows as they are (None stays None)."""
+    if text_ids is None or not samples:
+        return text_ids
+    batches = [{"input_ids": text_ids[i : i + batch_size]} for i in range(0, len(text_ids), batch_size)]
+    return batches + [{k: v for k, v in s.inputs.items() if k != "labels"} for s in samples]

@@ -26,6 +26,7 @@ from torch import nn
 from hyperquant.atomic import atomic_output_dir
 from hyperquant.convert import find_ffn_linears, set_module
 from hyperquant.errors import HyperquantError
+from hyperquant.multimodal.inputs import with_image_batches
 from hyperquant.pipeline import input_covariances
 from hyperquant.train.capacity import CapacityPlan, assign_capacity
 from hyperquant.train.config import TrainConfig
@@ -135,15 +136,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def init_inputs(text_ids: torch.Tensor, image_samples: list | None, batch_size: int = 4):
-    """Calibration inputs of the PHM fit and the export: the text rows, then (a vision-language model)
-    one unpadded batch per image-caption pair."""
-    if not image_samples:
-        return text_ids
-    batches = [{"input_ids": text_ids[i : i + batch_size]} for i in range(0, len(text_ids), batch_size)]
-    return batches + [{k: v for k, v in s.inputs.items() if k != "labels"} for s in image_samples]
-
-
 def training_batch(train_ids: torch.Tensor, image_samples: list | None, rows: list[int], pad_id: int) -> dict:
     """The model inputs of ``rows``: text rows are 0..len(train_ids)-1, image-caption pairs follow. Text
     alone gives {"input_ids"} (every token scored); with pairs, sequences are padded and ``labels``
@@ -607,7 +599,7 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
             # the export (GPTQ of the trained factors, then of attention and the head) is the CPU pipeline
             run.model.to("cpu")
 
-            final = finalize(run.model, cfg, init_inputs(run.train_ids[: cfg.init_samples], run.image_samples),
+            final = finalize(run.model, cfg, with_image_batches(run.train_ids[: cfg.init_samples], run.image_samples, 4),
                              {"steps": done, "final_eval": ev["ppl"]}, heldout_ids=run.heldout_ids)
             summary["exported_ppl"] = validation_perplexity(final, run.eval_ids, cfg)["1"]
             summary["final_dir"] = str(save_compressed(final, run.output_dir / "final", tokenizer,
@@ -746,7 +738,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     teacher = _frozen_teacher(cfg, source, accelerator.device)
 
     prepare_model(model, cfg, layer_bases,
-                  None if state is not None else init_inputs(train_ids[: cfg.init_samples], image_samples))
+                  None if state is not None else with_image_batches(train_ids[: cfg.init_samples], image_samples, 4))
     if state is None and cfg.blockwise_steps > 0:
         _blockwise_first_stage(cfg, model, train_ids, heldout_ids, output_dir, main)
     if state is not None:
