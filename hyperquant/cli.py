@@ -109,6 +109,9 @@ def compress(
                                                              "steps as fit: the result depends on the machine)")] = None,
     qat: Annotated[bool, typer.Option(help="Train with fake-quantized factors (QAT) from 60 % of the steps; export on the QAT grid")] = False,
     train_config: Annotated[Path | None, typer.Option(help="YAML of TrainConfig fields that override the training recipe (see docs/training.md)")] = None,
+    device: Annotated[str | None, typer.Option(help="Where calibration, training and evaluation run: auto (CUDA when visible), cpu, "
+                                             "cuda or cuda:<i>; the model stays on the CPU and its blocks visit the "
+                                             "device one at a time")] = None,
 ) -> None:
     """Compress MODEL (the FFN as PHM with low-bit factors, attention, LM head and embeddings quantized)
     and write a checkpoint folder with a report.
@@ -117,9 +120,11 @@ def compress(
     quantized; --no-train gives the post-training result in a few minutes. A vision-language folder
     (with its processor) is calibrated, trained and evaluated on image-caption pairs too."""
     from hyperquant.config import CompressConfig
+    from hyperquant.device import resolve_device
     from hyperquant.multimodal.towers import parse_towers
     from hyperquant.plan import config_slug
 
+    where = resolve_device(device)  # a wrong or absent device fails before anything is loaded
     tower_list = list(parse_towers(towers))
 
     if method == "fourier":  # the comparator kind for every target; n and --bases do not apply
@@ -168,8 +173,13 @@ def compress(
         if train_tokens is not None and train_minutes is not None:
             _fail("--train-tokens and --train-minutes are two budgets; give one")
         overrides = read_yaml_options(train_config) if train_config is not None else {}
+        if device is not None:
+            overrides["device"] = device  # the flag over the YAML's device
         tokens = train_tokens if train_tokens is not None else (None if train_minutes is not None else DEFAULT_TOKENS)
-        tcfg = compress_train_config(cfg, str(work_dir_for(out_dir)), train_minutes, qat, overrides, tokens)
+        from hyperquant.models import is_vision_language_source, resolve_source
+
+        tcfg = compress_train_config(cfg, str(work_dir_for(out_dir)), train_minutes, qat, overrides, tokens,
+                                     vision_language=is_vision_language_source(resolve_source(model)))
     elif qat:
         _fail("--qat trains the PHM layers: drop --no-train (and use n >= 2)")
     calib_texts = None
@@ -177,7 +187,7 @@ def compress(
         from hyperquant.data import read_text_file
 
         calib_texts = [read_text_file(calib_text)]
-    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs)
+    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs, where)
 
 
 def _check_vision_options(model_arg, towers: list[str], images) -> None:
@@ -216,7 +226,7 @@ def _image_data(source, model, image_pairs, heldout_pairs: int):
 
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
-                 train_cfg=None, image_pairs=None) -> None:
+                 train_cfg=None, image_pairs=None, device=None) -> None:
     from hyperquant.atomic import check_free_space
     from hyperquant.data import calibration_ids, calibration_split
     from hyperquant.data import eval_tokens as held_out_tokens
@@ -261,7 +271,7 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
     evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol,
                             second_ids=second_domain_tokens(tokenizer, eval_tokens) if protocol else None,
                             captions=image_eval if eval_tokens else None)
-    rows = [measure(model, "original (fp32)", evaluation)]
+    rows = [measure(model, "original (fp32)", evaluation, device=device)]
     saved_with = processor if processor is not None else tokenizer  # a processor saves its tokenizer too
     if train_cfg is not None:
         from hyperquant.train.compress import train_and_compress
@@ -289,7 +299,8 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
 
         calib, heldout = with_image_batches(calib, image_fit), with_image_batches(heldout, image_heldout)
     result = compress_to_folder(model, saved_with, cfg, out_dir, source=str(source), calib=calib,
-                                evaluation=evaluation, overwrite=overwrite, rows=rows, heldout=heldout)
+                                evaluation=evaluation, overwrite=overwrite, rows=rows, heldout=heldout,
+                                device=device)
     _print_table(summary_columns(rows + [result.row]), summary_rows(rows + [result.row]), title=f"hyperquant compress -> {out_dir}")
     out.print(f"compressed in {result.seconds:.1f} s; weights file {result.row['size']['bytes_on_disk'] / 1e6:.1f} "
               f"MB; report: {out_dir / 'report.md'}")

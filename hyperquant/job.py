@@ -68,8 +68,17 @@ def model_label(model: nn.Module, suffix: str = "") -> str:
     return (plan_label(plan) if plan else "compressed") + suffix
 
 
-def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: str | None = None) -> dict:
-    """A table row: size (bytes as stored, rest weights at ``rest_dtype``) and held-out perplexity."""
+def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: str | None = None,
+            device: torch.device | str | None = None) -> dict:
+    """A table row: size (bytes as stored, rest weights at ``rest_dtype``) and held-out perplexity,
+    measured on ``device`` when given (the model's blocks visit it one at a time: `hyperquant.offload`)."""
+    from hyperquant.offload import offloaded
+
+    with offloaded(model, device):
+        return _measure(model, label, evaluation, rest_dtype)
+
+
+def _measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: str | None) -> dict:
     from hyperquant.evals import model_size, perplexity
     from hyperquant.evals.size import dtype_bytes
 
@@ -121,6 +130,8 @@ def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, row
         (folder / "report.md").write_text(text + report_extra)
         summary = {"source": source, "config": config, "plan": section.get("plan"), "rows": rows,
                    "protocol": evaluation.to_dict(), "compress_seconds": seconds, **(summary_extra or {})}
+        if getattr(model, "hyperquant_offload", None):  # calibrated block by block on another device
+            summary["calibration_offload"] = model.hyperquant_offload
         if evaluation.reference_captions is not None:  # `hyperquant eval` compares with them later
             summary["reference_captions"] = {"images": "shipped evaluation photographs",
                                              "tokens": evaluation.reference_captions}
@@ -131,26 +142,28 @@ def write_output(model: nn.Module, out_dir: Path, tokenizer, *, source: str, row
 
 def compress_and_measure(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor | None, evaluation: Evaluation,
                          label: str | None = None, progress: bool = True,
-                         heldout: torch.Tensor | None = None) -> CompressResult:
+                         heldout: torch.Tensor | None = None, device: torch.device | str | None = None) -> CompressResult:
     """Compress ``model`` in place as ``cfg`` says and measure it (no folder written); ``heldout``:
-    calibration-text sequences never fitted on, on which every layer's error is also measured."""
+    calibration-text sequences never fitted on, on which every layer's error is also measured;
+    ``device``: where calibration and measurement run, the model's blocks visiting it one at a time."""
     from hyperquant.pipeline import compress
 
     start = time.perf_counter()
     # it refuses a plan that needs calibration without any
-    compress(model, cfg, calib, progress=progress, heldout_inputs=heldout)
+    compress(model, cfg, calib, progress=progress, heldout_inputs=heldout, device=device)
     seconds = time.perf_counter() - start
-    row = measure(model, label or model_label(model), evaluation, cfg.rest_dtype)
+    row = measure(model, label or model_label(model), evaluation, cfg.rest_dtype, device)
     return CompressResult(model, row, seconds, log=model.hyperquant_log)
 
 
 def compress_to_folder(model: nn.Module, tokenizer, cfg: CompressConfig, out_dir: Path, *, source: str,
                        calib: torch.Tensor | None, evaluation: Evaluation, overwrite: bool,
                        rows: list[dict] | None = None, label: str | None = None,
-                       progress: bool = True, heldout: torch.Tensor | None = None) -> CompressResult:
+                       progress: bool = True, heldout: torch.Tensor | None = None,
+                       device: torch.device | str | None = None) -> CompressResult:
     """Compress, measure and publish: the checkpoint folder with its report. ``rows``: rows measured
     before (the original model's), shown above this one in the report."""
-    result = compress_and_measure(model, cfg, calib, evaluation, label, progress, heldout)
+    result = compress_and_measure(model, cfg, calib, evaluation, label, progress, heldout, device)
     all_rows = [*(rows or []), result.row]
     result.folder = write_output(model, out_dir, tokenizer, source=source, rows=all_rows, seconds=result.seconds,
                                  evaluation=evaluation, overwrite=overwrite)

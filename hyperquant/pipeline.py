@@ -28,6 +28,7 @@ from hyperquant.convert import (
 from hyperquant.errors import HyperquantError
 from hyperquant.kinds import LayerStats, kind_of, kind_of_entry
 from hyperquant.layer_compress import compress_layer
+from hyperquant.offload import BlockOffload, offloaded, to_device
 from hyperquant.plan import Plan, plan_needs_calibration, plan_to_dict, resolve_plan
 
 FORMAT_VERSION = 2
@@ -166,8 +167,9 @@ class _InputStats:
     """
 
     def __init__(self, in_features: int, shared: dict, original_inputs: list[torch.Tensor] | None = None,
-                 fit_calls: int | None = None) -> None:
-        self.cov = torch.zeros(in_features, in_features, dtype=torch.float64)
+                 fit_calls: int | None = None, device: torch.device | str = "cpu") -> None:
+        # on the device the inputs arrive on (the offload device, or where the model is)
+        self.cov = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.shared = shared
         self.original_inputs = original_inputs
         if original_inputs is not None:
@@ -264,6 +266,7 @@ def compress(
     progress: bool = True,
     plan: Plan | None = None,
     heldout_inputs: torch.Tensor | Iterable[dict] | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Compress the selected linears of ``model`` in place, as ``config`` (or an explicit ``plan``,
     {module name: plan entry}) says; return the model.
@@ -273,6 +276,11 @@ def compress(
     fitted on) go through the same sequential passes so that every layer's output error is also measured
     on them (``output_error_heldout``). The per-layer log is at
     ``model.hyperquant_log``; the plan is stored in ``model.config.hyperquant["plan"]``.
+
+    ``device``: where the calibration runs when it is not where the model is (a CUDA device for a model
+    on the CPU). The model stays where it is and its blocks visit the device one at a time
+    (`hyperquant.offload`), so device memory holds one block, the calibration activations and the
+    parts outside the blocks; each layer's record has the block's peak device memory on CUDA.
     """
     model.eval()
     plan = resolve_plan(model, config) if plan is None else plan
@@ -291,7 +299,13 @@ def compress(
             batches = _batches(calib_inputs, batch_size)
             check_calibration_size(targets, work, calibration_tokens(batches), refuse=False)
             heldout = _batches(heldout_inputs, batch_size) if heldout_inputs is not None else []
-            _compress_sequential(model, targets, work, batches, heldout, log, bar, config.true_sequential)
+            with offloaded(model, device) as offload:
+                if offload is not None:
+                    batches, heldout = to_device(batches, offload.device), to_device(heldout, offload.device)
+                _compress_sequential(model, targets, work, batches, heldout, log, bar, config.true_sequential,
+                                     offload)
+                if offload is not None:
+                    model.hyperquant_offload = {"device": str(offload.device), "peak_blocks": offload.peak_blocks}
         else:
             task = bar.add_task("compressing layers", total=len(targets)) if bar else None
             for name, module in targets.items():
@@ -385,7 +399,8 @@ def _compress_tail(model, targets, names: list[str], plan: Plan, batches, heldou
     whole model as compressed so far, so they see the errors of every block before them. ``stop_at``: a
     module before which the forward can stop (the language model, for the projector)."""
     shared: dict = {}
-    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared) for name in names}
+    stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared,
+                               device=linear_weight(targets[name]).device) for name in names}
     handles = [targets[n].register_forward_pre_hook(stats[n]) for n in names]
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if output is not None and any(targets[n] is output for n in names):
@@ -424,7 +439,8 @@ def _replace_calibrated(model, targets, names, plan: Plan, stats: dict, block: i
             bar.update(layer_task, advance=1, description=f"quantizing {name}")
 
 
-def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool) -> None:
+def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool,
+                         offload: BlockOffload | None = None) -> None:
     lists, tail = _split_by_block(targets)
     layer_task = bar.add_task("quantizing layers", total=len(targets)) if bar else None
     # Outside the blocks, what needs no calibration (an embedding table of its own) goes first, so that
@@ -457,7 +473,7 @@ def _compress_sequential(model, targets, plan: Plan, batches, heldout, log, bar,
                            stop_at=model.get_submodule(towers.language))
             projector = []
         _compress_blocks(model, targets, plan, batches, heldout, log, bar, true_sequential, list_name,
-                         lists[list_name], layer_task)
+                         lists[list_name], layer_task, offload)
     if projector:
         _compress_tail(model, targets, projector, plan, batches, heldout, log, bar, layer_task,
                        stop_at=model.get_submodule(towers.language))
@@ -485,7 +501,8 @@ def _build_layer(model: nn.Module, name: str, module: nn.Module, entry, stats):
 
 
 def _compress_blocks(model, targets, plan: Plan, batches, heldout, log, bar, true_sequential: bool,
-                     list_name: str, by_block: dict[int, list[str]], layer_task) -> None:
+                     list_name: str, by_block: dict[int, list[str]], layer_task,
+                     offload: BlockOffload | None = None) -> None:
     blocks = model.get_submodule(list_name)
     captured = _capture_block_inputs(model, blocks[0], [*batches, *heldout])
     fit = [c for c in captured[: len(batches)] if c is not None]
@@ -497,34 +514,53 @@ def _compress_blocks(model, targets, plan: Plan, batches, heldout, log, bar, tru
     original_inputs = inputs if fits_original else None
     last = max(by_block)
     block_task = bar.add_task(f"calibrating {list_name}", total=last + 1) if bar else None
+    device = offload.device if offload is not None else next(blocks[0].parameters()).device
+    on_cuda = device.type == "cuda"
     for idx in range(last + 1):
         block = blocks[idx]
-        pending = list(by_block.get(idx, []))
-        seen_original = {}
-        if original_inputs is not None:
-            original_inputs, seen_original = _run_original_block(block, pending, f"{list_name}.{idx}.", original_inputs)
-        if true_sequential and pending:
-            groups = _input_groups(block, [(n, targets[n]) for n in pending], inputs[0])
-        else:
-            groups = [pending] if pending else []
-        for group in groups:
-            shared: dict = {}
-            stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name),
-                                       fit_calls=len(fit))
-                     for name in group}
-
-            def clear_shared(_module, _args, _out, shared=shared):
-                shared.clear()  # inputs of one batch only: tensor addresses are reused later
-
-            handles = [targets[n].register_forward_pre_hook(stats[n]) for n in group]
-            handles.append(block.register_forward_hook(clear_shared))
-            try:
-                _run_block(block, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            _replace_calibrated(model, targets, group, plan, stats, idx, log, bar, layer_task)
-        if idx < last:
-            inputs = _run_block(block, inputs)
+        first_record = len(log)
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        with offload.resident(block) if offload is not None else contextlib.nullcontext():
+            inputs, original_inputs = _calibrate_block(model, targets, plan, block, idx, list_name, by_block, inputs,
+                                                       original_inputs, len(fit), idx < last, log, bar, layer_task,
+                                                       true_sequential)
+        if on_cuda:
+            for record in log[first_record:]:
+                record["block_peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
         if bar:
             bar.advance(block_task)
+
+
+def _calibrate_block(model, targets, plan: Plan, block: nn.Module, idx: int, list_name: str, by_block, inputs,
+                     original_inputs, fit_calls: int, more: bool, log, bar, layer_task, true_sequential: bool):
+    """Calibrate and replace block ``idx``'s targets; return the next block's inputs (compressed and
+    original streams)."""
+    pending = list(by_block.get(idx, []))
+    seen_original = {}
+    if original_inputs is not None:
+        original_inputs, seen_original = _run_original_block(block, pending, f"{list_name}.{idx}.", original_inputs)
+    if true_sequential and pending:
+        groups = _input_groups(block, [(n, targets[n]) for n in pending], inputs[0])
+    else:
+        groups = [pending] if pending else []
+    for group in groups:
+        shared: dict = {}
+        stats = {name: _InputStats(linear_weight(targets[name]).shape[1], shared, seen_original.get(name),
+                                   fit_calls=fit_calls, device=linear_weight(targets[name]).device)
+                 for name in group}
+
+        def clear_shared(_module, _args, _out, shared=shared):
+            shared.clear()  # inputs of one batch only: tensor addresses are reused later
+
+        handles = [targets[n].register_forward_pre_hook(stats[n]) for n in group]
+        handles.append(block.register_forward_hook(clear_shared))
+        try:
+            _run_block(block, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        _replace_calibrated(model, targets, group, plan, stats, idx, log, bar, layer_task)
+    if more:
+        inputs = _run_block(block, inputs)
+    return inputs, original_inputs

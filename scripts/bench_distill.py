@@ -8,11 +8,15 @@ in a fresh process with its own output folder (reused when present: delete it to
 row has the same budget, data seed and protocol (4,096 held-out tokens of Wikipedia and of the Python
 language reference). Recipes:
 
-- text: today's recipe (calibration text only);
+- text: the recipe before issue #14 (calibration text only, no block-wise stage);
 - generated: every row the steps read sampled from the dense model (generated_fraction 1);
 - mixture: half text, half teacher samples (generated_fraction 0.5);
-- blockwise+best: a block-wise first stage (blockwise_steps per block) before the better of the two above
-  on the second domain.
+- blockwise+best: a block-wise first stage (blockwise_steps per block) before the best of the three above
+  on the second domain (or --best NAME);
+- --recipe NAME=JSON: any other recipe, beside them.
+
+--recipes runs a subset (one long run per session on a slow machine); runs already in --out are reused
+when their options are the same, and refused when not.
 
 The token budget counts the end-to-end steps; the block-wise stage's tokens are reported beside it.
 Writes results.json and results.md to --out and prints the table.
@@ -27,14 +31,21 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = {"text": {}, "generated": {"generated_fraction": 1.0}, "mixture": {"generated_fraction": 0.5}}
+# explicit against the compress recipe (which now has a block-wise stage and half generated rows)
+RECIPES = {"text": {"generated_fraction": 0.0, "blockwise_steps": 0},
+           "generated": {"generated_fraction": 1.0, "blockwise_steps": 0},
+           "mixture": {"generated_fraction": 0.5, "blockwise_steps": 0}}
 
 
 def run_recipe(name: str, options: dict, args, work: Path, shown: dict) -> dict:
     out = work / name
+    yaml_file = work / f"{name}.yaml"
+    recipe_text = "".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()) or "{}\n"
+    if (out / "summary.json").is_file() and (not yaml_file.is_file() or yaml_file.read_text() != recipe_text):
+        sys.exit(f"error: {out} was measured with other options than {json.dumps(options)}; delete it or use "
+                 f"another --out")
     if not (out / "summary.json").is_file():
-        yaml_file = work / f"{name}.yaml"
-        yaml_file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()) or "{}\n")
+        yaml_file.write_text(recipe_text)
         command = [sys.executable, "-m", "hyperquant", "compress", *([args.model] if args.model else []), "--bits", "4",
                    "--train-tokens", str(args.tokens), "--train-config", str(yaml_file), "--out", str(out),
                    "--eval-tokens", str(args.eval_tokens)]
@@ -45,9 +56,10 @@ def run_recipe(name: str, options: dict, args, work: Path, shown: dict) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     blockwise = out / "train" / "blockwise.json"
     seconds = out / "bench_seconds.txt"
+    record = json.loads(blockwise.read_text()) if blockwise.is_file() else {}
     return {"recipe": name, "options": options, "shown": shown, "rows": summary["rows"],
-            "steps": summary["train_summary"]["steps"],
-            "blockwise_tokens": json.loads(blockwise.read_text())["block_tokens"] if blockwise.is_file() else 0,
+            "steps": summary["train_summary"]["steps"], "blockwise_tokens": record.get("block_tokens", 0),
+            "blockwise_seconds": sum(b["time_s"] for b in record.get("blocks", [])),
             "seconds": float(seconds.read_text()) if seconds.is_file() else None}
 
 
@@ -56,26 +68,51 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     parser.add_argument("--tokens", type=int, default=204_800, help="end-to-end training tokens of every recipe")
-    parser.add_argument("--blockwise-steps", type=int, default=50)
+    parser.add_argument("--blockwise-steps", type=int, default=72)
+    parser.add_argument("--blockwise-samples", type=int, default=96,
+                        help="training rows the block-wise stage fits on")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a training option for every recipe, e.g. --set eval_context=256 (repeatable)")
+    parser.add_argument("--recipes", default=",".join([*RECIPES, "blockwise+best"]),
+                        help="the recipes to run, comma-separated (a subset of text, generated, mixture, "
+                             "blockwise+best); runs already in --out are reused")
+    parser.add_argument("--best", choices=[*RECIPES], default=None,
+                        help="the recipe blockwise+best builds on (default: the best of those run on the docs)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
+                        help='an extra recipe, e.g. --recipe \'bw-long={"blockwise_steps": 72}\' (repeatable)')
     args = parser.parse_args()
     common = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    chosen = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - {*RECIPES, "blockwise+best"})
+    if unknown:
+        sys.exit(f"error: --recipes {unknown[0]}: choose from {', '.join([*RECIPES, 'blockwise+best'])}")
+    if "blockwise+best" in chosen and args.best is None and not set(RECIPES) <= set(chosen):
+        sys.exit("error: blockwise+best without all of text, generated and mixture needs --best NAME")
     work = args.out / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    results = [run_recipe(name, {**common, **options}, args, work, options) for name, options in RECIPES.items()]
-    best = min(results[1:], key=lambda r: r["rows"][-1]["perplexity_second_domain"])
-    shown = {**best["shown"], "blockwise_steps": args.blockwise_steps}
-    results.append(run_recipe("blockwise+best", {**common, **shown}, args, work, shown))
+    results = [run_recipe(name, {**common, **options}, args, work, options)
+               for name, options in RECIPES.items() if name in chosen]
+    if "blockwise+best" in chosen:
+        base = (RECIPES[args.best] if args.best else
+                min(results, key=lambda r: r["rows"][-1]["perplexity_second_domain"])["shown"])
+        shown = {**base, "blockwise_steps": args.blockwise_steps}
+        shown["blockwise_samples"] = args.blockwise_samples
+        results.append(run_recipe("blockwise+best", {**common, **shown}, args, work, shown))
+    for item in args.recipe:
+        name, _, text = item.partition("=")
+        shown = json.loads(text)
+        results.append(run_recipe(name, {**common, **shown}, args, work, shown))
     original = results[0]["rows"][0]
-    lines = ["| recipe | steps | block-wise tokens | Wikipedia | Python docs | × original (docs) | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|",
+    lines = [("| recipe | steps | block-wise tokens | Wikipedia | Python docs | × original (docs) | minutes "
+              "(block-wise) |"), "|---|---:|---:|---:|---:|---:|---:|",
              (f"| original fp32 | - | - | {original['perplexity']:.2f} | "
               f"{original['perplexity_second_domain']:.2f} | 1.0 | - |")]
     for r in results:
         row = r["rows"][-1]
         minutes = "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
+        if r["blockwise_seconds"]:
+            minutes += f" ({r['blockwise_seconds'] / 60:.1f})"
         lines.append(f"| {r['recipe']} {json.dumps(r['shown'])} | {r['steps']} | {r['blockwise_tokens']:,} | "
                      f"{row['perplexity']:.2f} | {row['perplexity_second_domain']:.2f} | "
                      f"{row['perplexity_second_domain'] / original['perplexity_second_domain']:.1f} | {minutes} |")

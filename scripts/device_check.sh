@@ -5,6 +5,9 @@
 #   bash scripts/device_check.sh [OUT_DIR]      # on the GPU machine, from the repository root
 #
 # 1. the device-discipline tests on CUDA (tests/test_device.py runs each on meta and, here, on cuda);
+# 1b. `hyperquant compress --n 1 --bits 4 --no-train` with block-offloaded calibration on CUDA
+#    (--device cuda: the model stays on the CPU, one block at a time on the GPU) and on the CPU, timed,
+#    with both perplexities and the per-block peak device memory from quant_log.json;
 # 2. 50 training steps of the default recipe in bf16 on CUDA, with tokens/s (and 2 steps on CPU beside
 #    them, for the ratio);
 # 3. the trained checkpoint exported to ONNX (the exporter compares it with torch on onnxruntime's CPU
@@ -24,7 +27,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA in this torch build'; print(torch.__version__, torch.version.cuda)"
 
 start=$(date +%s)
-python -m pytest -q tests/test_device.py 2>&1 | tee "$out/test_device.log"
+python -m pytest -q tests/test_device.py tests/test_offload.py 2>&1 | tee "$out/test_device.log"
+
+for dev in cuda cpu; do
+  /usr/bin/time -v python -m hyperquant compress --n 1 --bits 4 --no-train --eval-tokens 2048 --device "$dev" \
+      --out "$out/compress-$dev" 2> "$out/compress-$dev.time" | tail -n 8 | tee "$out/compress-$dev.log"
+done
 
 steps_yaml="$out/train-cuda.yaml"
 cat > "$steps_yaml" <<YAML
@@ -35,6 +43,8 @@ mixed_precision: bf16
 device: cuda
 export: true
 init_sequential: false
+generated_fraction: 0
+blockwise_steps: 0
 compress: {method: rtn}
 progress: false
 output_dir: $out/train-cuda
@@ -59,7 +69,15 @@ cuda, cuda_s = per_step(out / "train-cuda")
 cpu, cpu_s = per_step(out / "train-cpu")
 tokens = cuda[-1]["tokens"] / len(cuda)
 summary = json.loads((out / "train-cuda" / "summary.json").read_text())
-result = {"cuda_step_s": cuda_s, "cpu_step_s": cpu_s, "speedup": cpu_s / cuda_s, "tokens_per_step": tokens,
+def compress_row(dev):
+    summary = json.loads((out / f"compress-{dev}" / "summary.json").read_text())
+    layers = json.loads((out / f"compress-{dev}" / "quant_log.json").read_text())
+    row = summary["rows"][-1]
+    return {"seconds": summary.get("compress_seconds"), "perplexity": row.get("perplexity"),
+            "perplexity_second_domain": row.get("perplexity_second_domain"),
+            "block_peak_device_bytes": max((r.get("block_peak_device_bytes", 0) for r in layers), default=0),
+            "peak_host_bytes": max((r.get("peak_host_bytes", 0) for r in layers), default=0)}
+result = {"compress_cuda": compress_row("cuda"), "compress_cpu": compress_row("cpu"), "cuda_step_s": cuda_s, "cpu_step_s": cpu_s, "speedup": cpu_s / cuda_s, "tokens_per_step": tokens,
           "cuda_tokens_per_s": tokens / cuda_s, "final_loss": cuda[-1]["loss"],
           "exported_ppl": summary.get("exported_ppl")}
 (out / "device_check.json").write_text(json.dumps(result, indent=2))

@@ -7,6 +7,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _generation_cache(tmp_path_factory):
+    """Teacher-generated rows (the compress recipe samples some) are cached here, not in the user's home."""
+    import os
+
+    before = os.environ.get("HYPERQUANT_CACHE")
+    os.environ["HYPERQUANT_CACHE"] = str(tmp_path_factory.mktemp("hyperquant-cache"))
+    yield
+    if before is None:
+        os.environ.pop("HYPERQUANT_CACHE", None)
+    else:
+        os.environ["HYPERQUANT_CACHE"] = before
+
+
 def tiny_llama(vocab_size: int = 128, hidden: int = 64, intermediate: int = 128, layers: int = 2, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -253,6 +253,8 @@ FAULTS: list[tuple[str, Callable[[Env], list], str]] = [
     # cuda:99: absent here (no CUDA) and on a GPU machine alike
     ("eval-device-absent", lambda e: ["eval", e.ckpt, "--device", "cuda:99", "--no-latency"], "CUDA device"),
     ("train-device-absent", lambda e: ["train", e.model, "--device", "cuda:99", "--output-dir", e.out()], "CUDA device"),
+    ("compress-device-absent", lambda e: _compress(e.model, "--device", "cuda:99", "--out", e.out()), "CUDA device"),
+    ("compress-device-unknown", lambda e: _compress(e.model, "--device", "gpu0", "--out", e.out()), "choose auto, cpu"),
     ("eval-context-over-positions", lambda e: ["eval", e.ckpt, "--context", "1024", "--stride", "1024",
                                                "--no-latency"], "256 positions"),
     ("eval-text-folder", lambda e: ["eval", e.ckpt, "--text", e.tmp, "--no-latency"], "is a folder"),

@@ -10,6 +10,7 @@ rows before and after its training.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from hyperquant.convert import block_index
 from hyperquant.pipeline import _capture_block_inputs, _run_block
 from hyperquant.train.interp import InterpolatedLinear, interpolated_layers
+
+log = logging.getLogger(__name__)
 
 
 def _hidden(out) -> torch.Tensor:
@@ -87,6 +90,8 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
                     optimizer.step()
                     losses.append(float(loss.detach()))
                 after = _relative_error(block, held, held_targets)
+                log.info("block-wise stage: block %d/%d, held-out error %.4f -> %.4f (%.1f s)", idx + 1,
+                         max(by_block) + 1, before, after, time.perf_counter() - start)
                 records.append({"block": idx, "layers": len(trained), "steps": steps,
                                 "heldout_error_before": before, "heldout_error_after": after,
                                 "fit_loss_first": losses[0] if losses else None,

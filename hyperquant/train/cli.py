@@ -8,11 +8,17 @@ from pathlib import Path
 from hyperquant.train.config import TrainConfig
 
 
-def load_train_config(config: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
-    """TrainConfig from a YAML file (None = defaults) with ``overrides`` (option -> value) applied."""
-    data = {}
+def load_train_config(config: str | os.PathLike | None, overrides: dict | None = None,
+                      vision_language: bool = False) -> TrainConfig:
+    """The recipe (TrainConfig's defaults and, for a text model, `recipe.COMPRESS_RECIPE`: the same
+    training `hyperquant compress` does), then the options of the YAML file ``config``, then
+    ``overrides`` (option -> value)."""
+    from hyperquant.train.config import read_yaml_options
+    from hyperquant.train.recipe import COMPRESS_RECIPE
+
+    data = {} if vision_language else dict(COMPRESS_RECIPE)
     if config is not None:
-        data = TrainConfig.from_yaml(config).to_dict()
+        data.update(read_yaml_options(config))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig.from_dict(data)
 
@@ -25,11 +31,12 @@ def train_command(model: str | None = None, config: str | os.PathLike | None = N
     Wire as: ``hyperquant train [MODEL] --config train.yaml [--output-dir D] [--max-steps N]
     [--resume/--no-resume]``. Raises HyperquantError (incl. ConfigError) for user mistakes."""
     from hyperquant.errors import HyperquantError
-    from hyperquant.models import resolve_source
+    from hyperquant.models import is_vision_language_source, resolve_source
     from hyperquant.train.runner import train
 
+    source = resolve_source(model)  # a wrong path fails before any work
     cfg = load_train_config(config, {**(overrides or {}), "output_dir": output_dir, "max_steps": max_steps,
-                                     "resume": resume})
+                                     "resume": resume}, vision_language=is_vision_language_source(source))
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise HyperquantError(f"--output-dir {run_dir} is a file; the run folder holds checkpoints and logs: choose "
@@ -37,7 +44,6 @@ def train_command(model: str | None = None, config: str | os.PathLike | None = N
     from hyperquant.atomic import check_writable_parent
 
     check_writable_parent(run_dir / "final")
-    resolve_source(model)  # a wrong path fails before any work
     summary = train(model, cfg)
     if print_summary and summary.get("eval") is not None:
         from rich.console import Console

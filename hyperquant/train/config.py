@@ -46,6 +46,9 @@ class TrainConfig:
     generation_temperature: float = 1.0
     generation_top_k: int = 0  # 0: sample from the whole vocabulary
     generation_seed: int = 0
+    # sequences sampled at once: decoding 64 rows gives about twice the tokens/s of 16 on 2 CPU cores
+    # (the batch sets the order of the generator's draws, so it is part of the cache key)
+    generation_batch_size: int = 64
     generation_cache: str | None = None  # folder of the cached samples; None = ~/.cache/hyperquant/generated
     per_device_batch_size: int = 4
     grad_accum_steps: int = 1
@@ -196,7 +199,8 @@ class TrainConfig:
         from hyperquant.train.generated import GenerationSettings
 
         return GenerationSettings(sequences=sequences, seq_len=self.seq_len, temperature=self.generation_temperature,
-                                  top_k=self.generation_top_k, seed=self.generation_seed)
+                                  top_k=self.generation_top_k, seed=self.generation_seed,
+                                  batch_size=self.generation_batch_size)
 
     def scaled_to(self, max_steps: int) -> TrainConfig:
         """This schedule stretched or shrunk to ``max_steps`` optimizer steps (every step-valued option

@@ -361,6 +361,11 @@ def _accelerator(cfg: TrainConfig):
         torch.cuda.set_device(device.index)  # accelerate's single process uses the current CUDA device
     # Layers at alpha = 0 (or before QAT's learned scales start) give some parameters no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        # On the CPU accelerate would quietly run it as DDP (cpu=True) or as unconnected single processes;
+        # on GPUs the checkpoints and the main-process evaluation here assume whole parameters per process.
+        raise HyperquantError("FSDP (accelerate launch --use_fsdp) is not supported by hyperquant train; use DDP: "
+                              "accelerate launch --multi_gpu --num_processes N -m hyperquant.train ...")
     # cpu=True: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
     return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
 
@@ -578,12 +583,18 @@ def _maybe_replan(run: _Run, done: int, elapsed: float, cfg_ref: list[TrainConfi
                                 "max_minutes": run.cfg.max_minutes, **run.cfg.schedule()}) + "\n")
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP sharded the model (its parameters are DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def _finish(run: _Run, tokenizer, t0: float) -> dict:
     """The last checkpoint, the final evaluation, the export to final/ and summary.json."""
     cfg, done = run.cfg, run.cfg.max_steps
     if done >= cfg.stage_b and has_dense(run.model):
         drop_dense(run.model, keep_teacher=keeps_teacher(cfg))
     summary: dict = {"steps": done, "processes": run.world, "train_time_s": time.perf_counter() - t0,
+                     "distributed": str(run.accelerator.distributed_type.value), "sharded": _sharded(run.model),
                      "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
     if run.main:
         if done > run.start_step or run.start_step == 0:
@@ -711,6 +722,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         train_ids = calibration_ids(text_tokenizer, cfg.train_samples, cfg.seq_len, cfg.data_seed)
     train_ids = train_ids[:, : cfg.seq_len]
     fingerprint = run_fingerprint(source, cfg, train_ids, image_samples)  # of all the rows, held-out ones included
+    # a resume of another run is refused here, before the teacher samples anything or a file is written
+    state, ckpt = _resume_state(cfg, output_dir, fingerprint)
     heldout_ids = None
     held = cfg.compress.heldout_samples
     if held and cfg.export and len(train_ids) > held + cfg.init_samples:
@@ -726,7 +739,6 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         eval_ids = eval_tokens(text_tokenizer, cfg.eval_tokens)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
-    state, ckpt = _resume_state(cfg, output_dir, fingerprint)
     start_step = state["step"] if state else 0
     # A budgeted run re-plans its steps from their measured time; a resumed one keeps the schedule its
     # checkpoint recorded.

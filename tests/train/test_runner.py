@@ -9,6 +9,7 @@ import torch
 
 import hyperquant
 from hyperquant.config import ConfigError
+from hyperquant.errors import HyperquantError
 from hyperquant.train import TrainConfig, train, train_command
 from hyperquant.train.runner import global_batch_rows, load_checkpoint
 
@@ -152,7 +153,9 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
     # recon_relative divides by a per-batch norm, which does not split over processes: use the plain MSE
-    common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "recon_relative": False, "lora_r": 2}
+    # (the CLI's recipe adds teacher samples and a block-wise stage, which the library's defaults do not)
+    common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "recon_relative": False, "lora_r": 2,
+              "generated_fraction": 0.0, "blockwise_steps": 0}
     one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
     train(str(tiny_model_dir), one)
     (tmp_path / "two.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
@@ -220,3 +223,12 @@ def test_gradient_checkpointing_and_the_teachers_give_the_same_training(tiny_mod
         assert a.keys() == b.keys()
         diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
         assert float(diff.max()) < 1e-5, other
+
+
+def test_fsdp_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, monkeypatch):
+    """accelerate launch --use_fsdp sets ACCELERATE_USE_FSDP; on the CPU accelerate would run it as DDP
+    without saying so, so it is refused in one line (DDP is the supported way to use several processes)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(HyperquantError, match="FSDP.*not supported.*--multi_gpu"):
+        train(str(tiny_model_dir), TrainConfig(**BASE, output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
