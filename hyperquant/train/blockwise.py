@@ -48,23 +48,34 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
     on ``fit_ids``, block by block; returns one record per block with its held-out relative error before
     and after. Every layer's alpha is 0 again afterwards (the end-to-end schedule sets it)."""
     layers = interpolated_layers(model)
-    by_block: dict[int, list[InterpolatedLinear]] = {}
-    list_name = None
+    by_list: dict[str, dict[int, list[InterpolatedLinear]]] = {}
     for name, layer in layers.items():
         list_name, idx = block_index(name)
-        by_block.setdefault(idx, []).append(layer)
-    if list_name is None:
+        by_list.setdefault(list_name, {}).setdefault(idx, []).append(layer)
+    if not by_list:
         return []
-    blocks = model.get_submodule(list_name)
     was_training = model.training
     model.eval()  # no dropout, and no reconstruction bookkeeping in the layers
     everything = list(layers.values())
     _set_alpha(everything, 0.0)
+
+    def batches(ids):
+        return [{"input_ids": ids[i : i + batch_size]} for i in range(0, len(ids), batch_size)]
+
+    # The blocks the text rows reach: a vision-language model's vision encoder runs only on images, so its
+    # layers are left to the end-to-end steps.
     with torch.no_grad():
-        fit = _capture_block_inputs(model, blocks[0], [{"input_ids": fit_ids[i : i + batch_size]}
-                                                         for i in range(0, len(fit_ids), batch_size)])
-        held = _capture_block_inputs(model, blocks[0], [{"input_ids": heldout_ids[i : i + batch_size]}
-                                                          for i in range(0, len(heldout_ids), batch_size)])
+        for list_name in list(by_list):
+            fit = _capture_block_inputs(model, model.get_submodule(list_name)[0], batches(fit_ids))
+            if all(call is not None for call in fit):
+                break
+            log.info("block-wise stage: %s is not reached by text rows; its layers train end to end only", list_name)
+        else:
+            _set_alpha(everything, 0.0)
+            model.train(was_training)
+            return []
+        held = _capture_block_inputs(model, model.get_submodule(list_name)[0], batches(heldout_ids))
+    blocks, by_block = model.get_submodule(list_name), by_list[list_name]
     records = []
     try:
         for idx in range(max(by_block) + 1):

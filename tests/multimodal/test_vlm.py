@@ -169,7 +169,8 @@ def test_training_steps_on_pixel_batches(family, vlm_dirs, tmp_path):
         "output_dir": str(tmp_path / "run"), "max_steps": 3, "seq_len": 16, "train_samples": 4,
         "per_device_batch_size": 4, "grad_accum_steps": 1, "eval_tokens": 64, "eval_context": 32, "init_samples": 2,
         "fade_steps": 2, "stage_b_step": 2, "lora_r": 2, "eval_every": 0, "save_every": 0, "progress": False,
-        "qat_start_step": 2, "compress": {**QUANT, "towers": ["language", "vision"]}})
+        "qat_start_step": 2, "compress": {**QUANT, "towers": ["language", "vision"]},
+        "blockwise_steps": 2, "blockwise_samples": 4})
     pixel_steps = []
     from hyperquant.train import runner
 
@@ -197,6 +198,14 @@ def test_training_steps_on_pixel_batches(family, vlm_dirs, tmp_path):
     assert not [n for n, _ in final.named_modules() if "lora" in n]  # merged before the export
     assert sum(1 for n in final.config.hyperquant["plan"] if "vision" in n) == 4
     assert math.isfinite(summary["exported_ppl"])
+    # the block-wise stage runs on text rows: the language model's blocks only (the vision encoder's layers
+    # train end to end), each block once
+    blocks = json.loads((tmp_path / "run" / "blockwise.json").read_text())["blocks"]
+    language_blocks = final.config.get_text_config().num_hidden_layers
+    assert [b["block"] for b in blocks] == list(range(language_blocks))
+    plan = final.config.hyperquant["plan"]
+    language_phm = [n for n, e in plan.items() if e["kind"].startswith("phm") and "vision" not in n]
+    assert language_phm and sum(b["layers"] for b in blocks) == len(language_phm)
 
 
 def test_lora_goes_to_the_language_towers_attention_only():
