@@ -37,6 +37,14 @@ IGNORE = -100  # a label that is not scored
 
 
 def model_device(model: nn.Module, fallback: torch.device | str = "cpu") -> torch.device:
+    """Where the model takes its inputs: its input embedding's tensors (a quantized table has buffers only,
+    and a block-offloaded model keeps its blocks, whose parameters may come first, on the host), else its
+    first parameter."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is not None:
+        for tensor in [*embedding.parameters(), *embedding.buffers()]:
+            return tensor.device
     return next((p.device for p in model.parameters()), torch.device(fallback))
 
 

@@ -118,3 +118,16 @@ def test_compress_through_the_offload_gives_the_same_model(monkeypatch, config):
     ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         assert torch.equal(reference(input_ids=ids).logits, offloaded_model(input_ids=ids).logits)
+
+
+def test_inputs_go_where_an_offloaded_compressed_model_takes_them():
+    """A compressed model's quantized embedding has buffers only, so its first parameter is a block's
+    (on the host while offloaded): the evaluation must put the ids where the embedding is."""
+    from hyperquant.evals.perplexity import model_device
+
+    model = compress(tiny_llama(layers=2), CompressConfig(n=1, bits=4, group_size=16, method="rtn", scope="model"),
+                     progress=False)
+    assert not list(model.get_input_embeddings().parameters())  # the table is quantized: buffers only
+    with BlockOffload(model, META):
+        assert next(model.parameters()).device.type == "cpu" and model_device(model) == META
+    assert model_device(model).type == "cpu"
