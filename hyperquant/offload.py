@@ -41,7 +41,7 @@ def offload_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _slots(module: nn.Module):
-    """(table, name) of each parameter and buffer the module holds itself."""
+    """(table, name, tensor) of each parameter and buffer the module holds itself."""
     for table in (module._parameters, module._buffers):
         for name, tensor in table.items():
             if tensor is not None:
