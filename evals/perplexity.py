@@ -40,8 +40,10 @@ def model_device(model: nn.Module, fallback: torch.device | str = "cpu") -> torc
     """Where the model takes its inputs: its input embedding's tensors (a quantized table has buffers only,
     and a block-offloaded model keeps its blocks, whose parameters may come first, on the host), else its
     first parameter."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without a table
+        embedding = None
     if embedding is not None:
         for tensor in [*embedding.parameters(), *embedding.buffers()]:
             return tensor.device
