@@ -30,8 +30,8 @@ start=$(date +%s)
 python -m pytest -q tests/test_device.py tests/test_offload.py 2>&1 | tee "$out/test_device.log"
 
 for dev in cuda cpu; do
-  /usr/bin/time -v python -m hyperquant compress --n 1 --bits 4 --no-train --eval-tokens 2048 --device "$dev" \
-      --out "$out/compress-$dev" 2> "$out/compress-$dev.time" | tail -n 8 | tee "$out/compress-$dev.log"
+  python -m hyperquant compress --n 1 --bits 4 --no-train --eval-tokens 2048 --device "$dev" \
+      --out "$out/compress-$dev" 2> "$out/compress-$dev.err" | tail -n 8 | tee "$out/compress-$dev.log"
 done
 
 steps_yaml="$out/train-cuda.yaml"
