@@ -2,13 +2,16 @@
 
     python scripts/bench_memory.py --out docs/bench_memory            # compress + training step
     python scripts/bench_memory.py --out docs/bench_memory --skip-compress
+    python scripts/bench_memory.py --out docs/bench_memory/processes --skip-compress --skip-train --processes
 
 Each measurement runs in a fresh process (peak RSS is per process). The compress row is the real
 command on the embedded default model (eval skipped: --eval-tokens 0); its per-layer log gives where the
 peak happens. The training rows run one optimizer step of the default recipe (Stage A: dense and PHM
 branches both alive, its memory peak) with the teacher as the student's own frozen dense weights
 (`teacher: dense`, the default) and as a second copy of the model (`teacher: separate`, the old
-default). Beside them it lists, from shapes alone, the pieces that grow with the model for the default
+default). With --processes, one step on 2 CPU processes (gloo) as DDP and as FSDP (`fsdp: true`): each
+process's peak and its resident memory after the step, and how many parameter elements it holds.
+Beside them it lists, from shapes alone, the pieces that grow with the model for the default
 model and a 7B Llama: a projection, not a measurement. Prints a table and writes bench_memory.json and bench_memory.md to --out.
 """
 
@@ -41,6 +44,30 @@ start = time.perf_counter()
 train(source, cfg, model=model, tokenizer=tokenizer, stop_after=1)
 row = {"teacher": teacher, "seconds": time.perf_counter() - start, "loaded": before, "after_step": memory_now()}
 print("RESULT " + json.dumps(row))
+"""
+
+# one step on each of the processes `accelerate launch` started; each prints its own figures
+_PROCESS_CHILD = r"""
+import json, resource, sys, time
+import torch.distributed as dist
+from hyperquant.device import memory_now
+from hyperquant.models import load_model, resolve_source
+from hyperquant.train import TrainConfig, train
+from hyperquant.train.sharding import is_sharded
+
+fsdp, out = sys.argv[1] == "fsdp", sys.argv[2]
+source = resolve_source(None)
+model, tokenizer = load_model(source)
+cfg = TrainConfig(fsdp=fsdp, output_dir=out, progress=False, export=False, save_every=0, eval_every=0,
+                  eval_tokens=256, num_threads=1, init_sequential=False, compress={"init": "frobenius"},
+                  per_device_batch_size=2)
+start = time.perf_counter()
+train(source, cfg, model=model, tokenizer=tokenizer, stop_after=1)
+local = sum((p.to_local() if is_sharded(p) else p).numel() for p in model.parameters())
+row = {"rank": dist.get_rank(), "seconds": time.perf_counter() - start, "after_step": memory_now(),
+       "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+       "parameters_local": local, "parameters": sum(p.numel() for p in model.parameters())}
+print("RESULT " + json.dumps(row), flush=True)
 """
 
 
@@ -76,6 +103,30 @@ def measure_step(work: Path, env: dict, teacher: str) -> dict:
     return {**row, "peak_host_bytes": peak * 1024, "process_seconds": seconds}
 
 
+def measure_processes(work: Path, env: dict, mode: str) -> dict:
+    """One training step on 2 CPU processes (gloo), as DDP or FSDP: each process's own figures."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    child = work / "process_child.py"
+    child.write_text(_PROCESS_CHILD)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(child),
+           mode, str(work / f"train-{mode}")]
+    start = time.perf_counter()
+    # glibc otherwise keeps freed large blocks in its heap (its mmap threshold rises as they are freed), and
+    # resident memory would not show the whole tensors sharding freed
+    env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} on 2 processes failed:\n{proc.stderr[-2000:]}")
+    ranks = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
+                   key=lambda r: r["rank"])
+    return {"mode": mode, "process_seconds": time.perf_counter() - start, "ranks": ranks}
+
+
 def project_7b(default_params: int) -> dict:
     """Byte counts of the pieces that grow with the model, for the default model and a 7B Llama (32 blocks,
     hidden 4096, FFN 11008, vocabulary 32000): a projection from shapes, not a measurement."""
@@ -101,6 +152,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench_memory"))
     parser.add_argument("--skip-compress", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--processes", action="store_true", help="also one step on 2 processes, DDP and FSDP")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     from hyperquant.models import load_model, resolve_source
@@ -110,6 +162,7 @@ def main() -> None:
         work = Path(tmp)
         compress_row = None if args.skip_compress else measure_compress(work, env)
         steps = {} if args.skip_train else {t: measure_step(work, env, t) for t in ("dense", "separate")}
+        processes = {m: measure_processes(work, env, m) for m in ("ddp", "fsdp")} if args.processes else {}
     projection = project_7b(default_params)
     rows = []
     if compress_row:
@@ -120,7 +173,16 @@ def main() -> None:
                      f"{row['seconds']:.0f}"])
     from hyperquant.report import markdown_table
 
-    table = markdown_table(["run (default model)", "peak host GiB", "s"], rows)
+    table = markdown_table(["run (default model)", "peak host GiB", "s"], rows) if rows else ""
+    if processes:
+        table += "\n\n" if table else ""
+        table += markdown_table(
+            ["1 training step, 2 CPU processes", "peak host GiB per process", "resident after the step, GiB",
+             "parameters per process", "s"],
+            [[mode.upper(), " / ".join(f"{r['peak_host_bytes'] / GIB:.2f}" for r in row["ranks"]),
+              " / ".join(f"{r['after_step']['host_rss_bytes'] / GIB:.2f}" for r in row["ranks"]),
+              " / ".join(f"{r['parameters_local'] / 1e6:.1f} M of {r['parameters'] / 1e6:.1f} M" for r in row["ranks"]),
+              f"{row['process_seconds']:.0f}"] for mode, row in processes.items()])
     pieces = projection["default"]
     table += "\n\n" + markdown_table(["piece (projection from shapes)", "default model, GiB", "7B Llama, GiB"],
                                       [[k.removesuffix("_bytes"), f"{pieces[k] / GIB:.3f}",
@@ -130,7 +192,8 @@ def main() -> None:
     meta = {"default_params": default_params, "python": sys.version.split()[0], "threads": env["OMP_NUM_THREADS"],
             "command": "python scripts/bench_memory.py " + " ".join(sys.argv[1:])}
     (args.out / "bench_memory.json").write_text(json.dumps(
-        {"meta": meta, "compress": compress_row, "train_step": steps, "projection_7b": projection}, indent=2))
+        {"meta": meta, "compress": compress_row, "train_step": steps, "processes": processes,
+         "projection_7b": projection}, indent=2))
     (args.out / "bench_memory.md").write_text(
         table + f"\n\nCommand: `{meta['command']}`. The second table is computed from shapes (a projection, not a "
         f"measurement); s: wall time of the whole process, on a shared machine.\n")

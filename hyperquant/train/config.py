@@ -71,6 +71,9 @@ class TrainConfig:
     # recompute each decoder block's activations in the backward instead of keeping them (less memory,
     # about a third more compute); the gradients are the same
     gradient_checkpointing: bool = False
+    # shard parameters, gradients and AdamW's moments over the processes (torch's fully_shard, one unit per
+    # decoder block; train/sharding.py) instead of DDP's whole copy per process
+    fsdp: bool = False
     # PHM initialization: the activation-aware fit of compress.init, block by block on the outputs of the
     # already-PHM blocks before it (as `hyperquant compress` calibrates), i.e. fitted for alpha = 1;
     # False: every layer on dense inputs
@@ -158,6 +161,10 @@ class TrainConfig:
                               ("teacher", TEACHERS),
                               ("capacity", CAPACITY_METHODS), ("mixed_precision", MIXED_PRECISION)):
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} must be one of {list(allowed)}")
+        need(isinstance(self.fsdp, bool), "fsdp must be true or false")
+        need(not (self.fsdp and self.mixed_precision == "fp16"),
+             "fsdp with mixed_precision: fp16 is not supported (its loss scaling is untested on sharded gradients); "
+             "use bf16")
         need(c.n >= 2, f"compress.n={c.n} must be >= 2 (training targets PHM layers)")
         need(not c.layers, "compress.layers (per-layer kinds) is not trained; training targets PHM layers only")
         need(not c.learn_bases, "training starts from fixed bases; drop learn_bases")

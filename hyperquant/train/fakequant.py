@@ -60,10 +60,14 @@ class FakeQuantizer(nn.Module):
     def enable(self, w: torch.Tensor) -> None:
         """Switch fake quantization on; with learned scales, initialize them (and fix zeros) from ``w``."""
         if self.learn_scales:
+            from hyperquant.train.sharding import copy_full_
+
+            scales, zeros = torch.empty_like(self.zeros, dtype=self.scales.dtype), self.zeros
             for g, sl in enumerate(_groups(self.cols, self.group_size)):
                 scale, zero = group_qparams(w[:, sl].float(), self.bits, self.symmetric)
-                self.scales[:, g] = scale
-                self.zeros[:, g] = zero
+                scales[:, g] = scale
+                zeros[:, g] = zero
+            copy_full_(self.scales, scales)  # under FSDP the parameter is this process's shard
         self.enabled.fill_(True)
         self._on = True
 

@@ -27,6 +27,7 @@ from hyperquant.atomic import atomic_output_dir
 from hyperquant.convert import find_ffn_linears, set_module
 from hyperquant.errors import HyperquantError
 from hyperquant.multimodal.inputs import with_image_batches
+from hyperquant.phm.functional import factors_to_cat
 from hyperquant.pipeline import input_covariances
 from hyperquant.train.capacity import CapacityPlan, assign_capacity
 from hyperquant.train.config import TrainConfig
@@ -44,6 +45,7 @@ from hyperquant.train.interp import (
 )
 from hyperquant.train.lora import adapters_disabled, add_lora
 from hyperquant.train.losses import causal_lm_loss, kd_loss
+from hyperquant.train.sharding import full, gradient_sync_off, is_sharded, shard_like, shard_model
 
 CSV_FIELDS = ["step", "stage", "mean_alpha", "lr", "loss", "ce", "kd", "recon", "lambda_kd", "qat", "tokens",
               "time_s"]
@@ -131,7 +133,8 @@ def lora_targets(model: nn.Module, suffixes: list[str]) -> list[str] | str:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a training checkpoint stores: the trained parameters and the QAT state (the rest is rebuilt)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+    # under FSDP each tensor is gathered from its shards: a collective, in the same order on every process
+    return {k: full(v.detach()).cpu().clone() for k, v in model.state_dict().items()
             if k in names or ".quantizer." in k}
 
 
@@ -190,9 +193,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
-def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict) -> Path:
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict,
+                    write: bool = True) -> tuple[Path, dict[str, torch.Tensor]]:
     """A resumable checkpoint without pickle: tensors (trained parameters, optimizer moments, RNG state) in
-    safetensors, everything else (step, schedule, history, fingerprint, optimizer hyperparameters) in JSON."""
+    safetensors, everything else (step, schedule, history, fingerprint, optimizer hyperparameters) in JSON.
+    Returns its folder and the trained parameters' whole tensors. A sharded model's tensors are gathered
+    on every process (which all call this); only the one with ``write`` writes them."""
     tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -203,19 +209,22 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     for index, values in saved["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{index}.{key}"] = full(value.detach()).cpu().contiguous()
             else:
                 plain.setdefault(str(index), {})[key] = value
     meta = {"step": step, "scheduler": scheduler.state_dict(), **extra,
             "optimizer": {"param_groups": saved["param_groups"], "indices": sorted(saved["state"]), "plain": plain}}
     folder = output_dir / "checkpoints"
     target = folder / f"step-{step:07d}"
+    trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if not write:
+        return target, trained
     with atomic_output_dir(target, overwrite=True) as tmp:
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
+    return target, trained
 
 
 def load_checkpoint(folder: Path) -> dict:
@@ -362,12 +371,16 @@ def _accelerator(cfg: TrainConfig):
     # Layers at alpha = 0 (or before QAT's learned scales start) give some parameters no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        # On the CPU accelerate would quietly run it as DDP (cpu=True) or as unconnected single processes;
-        # on GPUs the checkpoints and the main-process evaluation here assume whole parameters per process.
-        raise HyperquantError("FSDP (accelerate launch --use_fsdp) is not supported by hyperquant train; use DDP: "
-                              "accelerate launch --multi_gpu --num_processes N -m hyperquant.train ...")
+        # accelerate's own FSDP wrapping: on the CPU it quietly runs as DDP (cpu=True) or as unconnected
+        # single processes; hyperquant shards the model itself (sharding.py), the same way on CPU and GPU.
+        raise HyperquantError("accelerate launch --use_fsdp is not how hyperquant train shards: set fsdp: true in "
+                              "the config and launch with accelerate launch --multi_gpu --num_processes N")
     # cpu=True: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
-    return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
+    if cfg.fsdp and accelerator.num_processes < 2:
+        raise HyperquantError("fsdp: true shards the model over several processes; launch with accelerate launch "
+                              "--multi_gpu --num_processes N (N >= 2), or set fsdp: false")
+    return accelerator
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -405,6 +418,7 @@ class _Run:
     fingerprint: dict | None = None
     first_step_end: float = 0.0
     heldout_ids: torch.Tensor | None = None  # calibration rows never trained on (per-layer errors)
+    source: object = None  # models.ModelSource the run trains (a sharded run's export rebuilds it)
 
     @property
     def main(self) -> bool:
@@ -414,11 +428,19 @@ class _Run:
     def world(self) -> int:
         return self.accelerator.num_processes
 
-    def save(self, at_step: int) -> None:
-        save_checkpoint(self.output_dir, at_step, self.model, self.optimizer, self.scheduler,
-                        {"layer_bases": self.layer_bases, "history": self.history, "config": self.cfg.to_dict(),
-                         "schedule": self.cfg.schedule(),  # as re-planned at the time of saving
-                         "fingerprint": self.fingerprint})
+    @property
+    def collective(self) -> bool:
+        """Whether saving and evaluating need every process (a sharded model's forward and gathers do);
+        otherwise the main process does them alone."""
+        return self.cfg.fsdp
+
+    def save(self, at_step: int) -> dict[str, torch.Tensor]:
+        """The checkpoint of ``at_step``; call on the main process, or on all when `collective`."""
+        return save_checkpoint(self.output_dir, at_step, self.model, self.optimizer, self.scheduler,
+                               {"layer_bases": self.layer_bases, "history": self.history,
+                                "config": self.cfg.to_dict(),
+                                "schedule": self.cfg.schedule(),  # as re-planned at the time of saving
+                                "fingerprint": self.fingerprint}, write=self.main)[1]
 
     def evaluate(self, step: int) -> dict:
         row = {"step": step, "ppl": validation_perplexity(self.model, self.eval_ids, self.cfg)}
@@ -464,6 +486,9 @@ def _frozen_teacher(cfg: TrainConfig, source, device: torch.device | str) -> nn.
     teacher = load_model(source)[0].eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.fsdp:
+        shard_model(teacher, torch.device(device))
+        return teacher
     return teacher.to(device)
 
 
@@ -484,7 +509,12 @@ def _optimizer(model: nn.Module, cfg_ref: list[TrainConfig], state: dict | None)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg_ref[0]))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        # the checkpoint holds whole moments; a sharded parameter's are cut to this process's shard
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        saved = state["optimizer"]
+        saved = {**saved, "state": {i: {k: shard_like(v, params[i]) if torch.is_tensor(v) else v
+                                        for k, v in values.items()} for i, values in saved["state"].items()}}
+        optimizer.load_state_dict(saved)
         scheduler.load_state_dict(state["scheduler"])
     return trainable, optimizer, scheduler
 
@@ -498,7 +528,7 @@ def _step(run: _Run, step: int) -> dict:
     if qat_on:
         for m in interpolated_layers(model).values():
             if not m.quantizer.is_enabled:
-                m.quantizer.enable(m.phm.a_cat.detach())
+                m.quantizer.enable(factors_to_cat(full(m.phm.factors.detach())))
     # optimizer step s trains at the schedule's value after s + 1 steps: alpha = 1 after fade_steps
     mean_alpha = set_alphas(model, step + 1, cfg.fade_steps, cfg.alpha_schedule, cfg.stagger)
     dense_alive = has_dense(model)
@@ -514,7 +544,8 @@ def _step(run: _Run, step: int) -> dict:
                                run.pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = micro == cfg.grad_accum_steps - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(run.wrapped):
+        no_sync = gradient_sync_off(run.model) if run.collective else accelerator.no_sync(run.wrapped)
+        with contextlib.nullcontext() if last else no_sync:
             sums += _micro_step(run, batch, lambda_kd) / cfg.grad_accum_steps
     if cfg.max_grad_norm > 0:
         accelerator.clip_grad_norm_([p for _, p in run.trainable], cfg.max_grad_norm)
@@ -585,7 +616,22 @@ def _maybe_replan(run: _Run, done: int, elapsed: float, cfg_ref: list[TrainConfi
 
 def _sharded(model: nn.Module) -> bool:
     """Whether FSDP sharded the model (its parameters are DTensors)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def _unsharded_copy(run: _Run, trained: dict[str, torch.Tensor]) -> nn.Module:
+    """The sharded model as one whole model on the CPU, for the export: rebuilt as a resume rebuilds it
+    (the frozen weights from the source, the same PHM wrappers and LoRA) with the gathered trained state."""
+    from hyperquant.models import load_model
+
+    model = load_model(run.source)[0]
+    prepare_model(model, run.cfg, run.layer_bases, None)
+    if not has_dense(run.model):
+        drop_dense(model, keep_teacher=keeps_teacher(run.cfg))
+    _, unexpected = model.load_state_dict(trained, strict=False)
+    if unexpected:  # the rebuild is the resume's: it cannot differ from the trained model's structure
+        raise RuntimeError(f"the unsharded copy does not match the trained model: {unexpected[:3]}")
+    return model.eval()
 
 
 def _finish(run: _Run, tokenizer, t0: float) -> dict:
@@ -596,10 +642,20 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     summary: dict = {"steps": done, "processes": run.world, "train_time_s": time.perf_counter() - t0,
                      "distributed": str(run.accelerator.distributed_type.value), "sharded": _sharded(run.model),
                      "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
-    if run.main:
+    if summary["sharded"]:  # what one process holds of the model's parameters (the main process's shards)
+        summary["parameters_per_process"] = sum((p.to_local() if is_sharded(p) else p).numel()
+                                                for p in run.model.parameters())
+        summary["parameters"] = sum(p.numel() for p in run.model.parameters())
+    if run.collective:  # every process gathers and evaluates; the main one goes on alone to the export
+        trained = run.save(done) if done > run.start_step or run.start_step == 0 else trainable_state(run.model)
+        ev = run.evaluate(done)
+        model = _unsharded_copy(run, trained) if run.main and cfg.export else None
+    elif run.main:
         if done > run.start_step or run.start_step == 0:
             run.save(done)
         ev = run.evaluate(done)
+        model = run.model
+    if run.main:
         summary["eval"] = run.history
         if run.capacity is not None:
             summary["capacity"] = {"method": run.capacity.method, "total_params": run.capacity.total_params,
@@ -608,9 +664,9 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
             from hyperquant.checkpoint import save_compressed
 
             # the export (GPTQ of the trained factors, then of attention and the head) is the CPU pipeline
-            run.model.to("cpu")
+            model.to("cpu")
 
-            final = finalize(run.model, cfg, with_image_batches(run.train_ids[: cfg.init_samples], run.image_samples, 4),
+            final = finalize(model, cfg, with_image_batches(run.train_ids[: cfg.init_samples], run.image_samples, 4),
                              {"steps": done, "final_eval": ev["ppl"]}, heldout_ids=run.heldout_ids)
             summary["exported_ppl"] = validation_perplexity(final, run.eval_ids, cfg)["1"]
             summary["final_dir"] = str(save_compressed(final, run.output_dir / "final", tokenizer,
@@ -771,19 +827,24 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
+        shard_model(model, accelerator.device)
     cfg_ref = [cfg]  # the LR schedule reads the re-planned config through this
     trainable, optimizer, scheduler = _optimizer(model, cfg_ref, state)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.fsdp:
+        wrapped, optimizer = model, accelerator.prepare(optimizer)  # not wrapped in DDP
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(cfg=cfg, template=template, accelerator=accelerator, model=accelerator.unwrap_model(wrapped),
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher, trainable=trainable,
                train_ids=train_ids, eval_ids=eval_ids, image_samples=image_samples,
                pad_id=getattr(text_tokenizer, "pad_token_id", None) or 0, output_dir=output_dir, layer_bases=layer_bases,
                history=list(state.get("history", [])) if state else [], log=RunLog(output_dir, main, start_step),
                start_step=start_step, replans=replans, capacity=capacity, fingerprint=fingerprint,
-               heldout_ids=heldout_ids)
+               heldout_ids=heldout_ids, source=source)
 
     bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
-    if start_step == 0 and main and cfg.eval_every:
+    if start_step == 0 and (main or run.collective) and cfg.eval_every:
         run.evaluate(0)
     t0 = time.perf_counter()
     step = start_step
@@ -801,16 +862,17 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         end_step = run.cfg.max_steps if stop_after is None else min(stop_after, run.cfg.max_steps)
         if done >= end_step:
             run.replans.clear()
-        if run.cfg.eval_every and done % run.cfg.eval_every == 0 and done < run.cfg.max_steps and main:
+        if run.cfg.eval_every and done % run.cfg.eval_every == 0 and done < run.cfg.max_steps and \
+                (main or run.collective):
             run.evaluate(done)
         if run.cfg.save_every and done % run.cfg.save_every == 0 and done < run.cfg.max_steps:
-            if main:
+            if main or run.collective:
                 run.save(done)
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
     if end_step < run.cfg.max_steps:
-        if main and end_step > start_step:
+        if (main or run.collective) and end_step > start_step:
             run.save(end_step)
         accelerator.wait_for_everyone()
         return {"steps": end_step, "stopped": True, "processes": run.world, "layer_bases": layer_bases,

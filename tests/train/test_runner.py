@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -151,6 +152,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two(model_dir, config_path, options: dict) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2 -m hyperquant.train` on the CPU (gloo)."""
+    config_path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options.items()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "hyperquant.train", str(model_dir),
+           "--config", str(config_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
     # recon_relative divides by a per-batch norm, which does not split over processes: use the plain MSE
     # (the CLI's recipe adds teacher samples and a block-wise stage, which the library's defaults do not)
@@ -158,17 +171,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, 
               "generated_fraction": 0.0, "blockwise_steps": 0}
     one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
     train(str(tiny_model_dir), one)
-    (tmp_path / "two.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
-                                                 {**common, "output_dir": str(tmp_path / "two")}.items()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "hyperquant.train", str(tiny_model_dir),
-           "--config", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch_two(tiny_model_dir, tmp_path / "two.yaml", {**common, "output_dir": str(tmp_path / "two")})
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == 2 and not summary["sharded"]
     a, b = _state(tmp_path / "one", 3), _state(tmp_path / "two", 3)
     assert a.keys() == b.keys()
     # The per-process batches sum in another order, so gradients agree to round-off only; Adam's first
@@ -225,10 +230,59 @@ def test_gradient_checkpointing_and_the_teachers_give_the_same_training(tiny_mod
         assert float(diff.max()) < 1e-5, other
 
 
-def test_fsdp_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, monkeypatch):
-    """accelerate launch --use_fsdp sets ACCELERATE_USE_FSDP; on the CPU accelerate would run it as DDP
-    without saying so, so it is refused in one line (DDP is the supported way to use several processes)."""
+def test_fsdp_matches_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """fsdp: true on two gloo processes: every parameter sharded, and the same training as one process with
+    the whole batch through QAT's learned scales (written into shards), Stage B, LoRA, gradient
+    accumulation (unsynchronized micro-batches) and the export (rebuilt unsharded); a resume loads the
+    gathered checkpoint back into shards, moments included, and continues bit for bit."""
+    common = {**BASE, "max_steps": 4, "save_every": 2, "fade_steps": 2, "stage_b_step": 3, "recon_weight": 0.5,
+              "recon_relative": False, "lora_r": 2, "generated_fraction": 0.0, "blockwise_steps": 0,
+              "qat_start_step": 2, "qat_learn_scales": True, "export": True,
+              "compress": {"group_size": 16, "heldout_samples": 0}}
+    one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
+    train(str(tiny_model_dir), one)
+    two = {**common, "fsdp": True, "per_device_batch_size": 1, "grad_accum_steps": 2,
+           "output_dir": str(tmp_path / "two")}
+    _launch_two(tiny_model_dir, tmp_path / "two.yaml", two)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["sharded"]
+    assert summary["parameters_per_process"] < 0.6 * summary["parameters"]  # half, plus the odd rows
+    la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [r["qat"] for r in lb] == [False, False, True, True] and lb[-1]["stage"] == "B"
+    for x, y in zip(la, lb, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    a, b = _state(tmp_path / "one", 4), _state(tmp_path / "two", 4)
+    assert a.keys() == b.keys() and any(k.endswith("quantizer.scales") for k in a)
+    diff = torch.cat([(b[k].float() - a[k].float()).abs().flatten() for k in a])
+    assert float(diff.max()) <= 2 * one.lr * one.max_steps and float(diff.mean()) < 1e-6
+    exported = json.loads((tmp_path / "one" / "summary.json").read_text())["exported_ppl"]
+    assert summary["exported_ppl"] == pytest.approx(exported, rel=1e-4)
+    assert hyperquant.load(tmp_path / "two" / "final") is not None
+
+    # resume from step 2: the step-4 state and moments come out the same
+    ckpt = tmp_path / "two" / "checkpoints"
+    full_run = load_checkpoint(ckpt / "step-0000004")
+    for path in (ckpt / "step-0000004", tmp_path / "two" / "final"):
+        shutil.rmtree(path)
+    (tmp_path / "two" / "summary.json").unlink()
+    _launch_two(tiny_model_dir, tmp_path / "two.yaml", two)
+    resumed = load_checkpoint(ckpt / "step-0000004")
+    for k, v in full_run["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    for index, values in full_run["optimizer"]["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                assert torch.equal(resumed["optimizer"]["state"][index][key], value), (index, key)
+
+
+def test_fsdp_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path, monkeypatch):
+    """One process has nothing to shard over; accelerate's own --use_fsdp (on the CPU it quietly runs as
+    DDP) is pointed to fsdp: true. Both in one line, before anything is written."""
+    with pytest.raises(HyperquantError, match="fsdp: true shards.*--num_processes N"):
+        train(str(tiny_model_dir), TrainConfig(**BASE, fsdp=True, output_dir=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="fsdp with mixed_precision: fp16"):
+        TrainConfig(**BASE, fsdp=True, mixed_precision="fp16")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(HyperquantError, match="FSDP.*not supported.*--multi_gpu"):
+    with pytest.raises(HyperquantError, match="--use_fsdp.*set fsdp: true.*--multi_gpu"):
         train(str(tiny_model_dir), TrainConfig(**BASE, output_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
