@@ -53,11 +53,12 @@ def quantize_matrix(matrix: torch.Tensor, hessian: torch.Tensor | None, q: Quant
             raise ConfigError("GPTQ needs calibration data (the Hessian of the layer's inputs); pass calibration "
                               "inputs, or use method='rtn'")
         res = gptq_quantize(matrix, hessian, q.bits, q.group_size, q.symmetric, q.act_order, q.damp)
-        ref = quadratic_form(matrix, hessian)
+        ref = max(quadratic_form(matrix, hessian), 1e-30)  # an all-zero matrix (or input) has error 0 too
         record.update(quant_error=res.error / ref, quant_error_rtn=res.rtn_error / ref, damp=res.damp)
         return res.weight
     qw = rtn_quantize(matrix, q.bits, q.group_size, q.symmetric)
     if hessian is not None:
-        record["quant_error"] = quadratic_form(matrix, hessian, minus=qw.dequantize()) / quadratic_form(matrix, hessian)
+        record["quant_error"] = quadratic_form(matrix, hessian, minus=qw.dequantize()) / \
+            max(quadratic_form(matrix, hessian), 1e-30)
     record["quant_weight_error"] = relative_weight_error(matrix, qw.dequantize())
     return qw
