@@ -111,6 +111,9 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     _check_folder(source)
     auto = AutoModelForImageTextToText if is_vision_language_source(source) else AutoModelForCausalLM
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    # transformers >= 5.25 swaps in hub kernels by default when `kernels` is installed: code fetched from the
+    # hub at run time, in place of the very modules hyperquant replaces (and it fails on the meta device)
+    kwargs["use_kernels"] = False
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         # GGUF dequantization prints its own tqdm bars; keep our output readable.

@@ -69,3 +69,12 @@ def test_the_second_domain_is_the_python_reference_and_never_wikipedia():
     calib, evaluation = split_articles()
     assert not any(first[:200] in text for text in calib + evaluation)
     assert not torch.equal(calibration_ids(tokenizer, 1, 300)[0], ids)
+
+
+def test_models_load_without_hub_kernels(tiny_model_dir):
+    """transformers >= 5.25 kernelizes a loaded model by default when `kernels` is installed (code from the
+    hub, swapped in for the modules hyperquant replaces); load_model turns that off."""
+    from hyperquant.models import load_model, resolve_source
+
+    model = load_model(resolve_source(str(tiny_model_dir)))[0]
+    assert not getattr(model, "use_kernels", False)
