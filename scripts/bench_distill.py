@@ -16,7 +16,7 @@ language reference). Recipes:
 - --recipe NAME=JSON: any other recipe, beside them.
 
 --recipes runs a subset (one long run per session on a slow machine); runs already in --out are reused
-when their options are the same, and refused when not.
+when their options are the same, and refused when not, and the table lists every recipe measured there.
 
 The token budget counts the end-to-end steps; the block-wise stage's tokens are reported beside it.
 Writes results.json and results.md to --out and prints the table.
@@ -35,6 +35,15 @@ from pathlib import Path
 RECIPES = {"text": {"generated_fraction": 0.0, "blockwise_steps": 0},
            "generated": {"generated_fraction": 1.0, "blockwise_steps": 0},
            "mixture": {"generated_fraction": 0.5, "blockwise_steps": 0}}
+
+
+def finished_options(work: Path, name: str) -> dict | None:
+    """The options of recipe ``name``'s finished run in ``work`` (from its YAML), or None."""
+    yaml_file = work / f"{name}.yaml"
+    if not (work / name / "summary.json").is_file() or not yaml_file.is_file():
+        return None
+    return {k: json.loads(v) for k, v in (line.split(": ", 1) for line in yaml_file.read_text().splitlines()
+                                          if ": " in line)}
 
 
 def run_recipe(name: str, options: dict, args, work: Path, shown: dict) -> dict:
@@ -91,14 +100,22 @@ def main() -> None:
         sys.exit("error: blockwise+best without all of text, generated and mixture needs --best NAME")
     work = args.out / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    results = [run_recipe(name, {**common, **options}, args, work, options)
-               for name, options in RECIPES.items() if name in chosen]
+    # the table holds every recipe measured in --out, by this call or an earlier one
+    results = []
+    for name, options in RECIPES.items():
+        if name in chosen:
+            results.append(run_recipe(name, {**common, **options}, args, work, options))
+        elif (found := finished_options(work, name)) is not None:
+            results.append(run_recipe(name, found, args, work, {k: v for k, v in found.items() if k not in common}))
     if "blockwise+best" in chosen:
         base = (RECIPES[args.best] if args.best else
                 min(results, key=lambda r: r["rows"][-1]["perplexity_second_domain"])["shown"])
         shown = {**base, "blockwise_steps": args.blockwise_steps}
         shown["blockwise_samples"] = args.blockwise_samples
         results.append(run_recipe("blockwise+best", {**common, **shown}, args, work, shown))
+    elif (found := finished_options(work, "blockwise+best")) is not None:
+        results.append(run_recipe("blockwise+best", found, args, work,
+                                  {k: v for k, v in found.items() if k not in common}))
     for item in args.recipe:
         name, _, text = item.partition("=")
         shown = json.loads(text)
