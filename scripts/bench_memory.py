@@ -53,7 +53,7 @@ import torch.distributed as dist
 from hyperquant.device import memory_now
 from hyperquant.models import load_model, resolve_source
 from hyperquant.train import TrainConfig, train
-from hyperquant.train.sharding import is_sharded
+from hyperquant.train.sharding import local_numel
 
 fsdp, out = sys.argv[1] == "fsdp", sys.argv[2]
 source = resolve_source(None)
@@ -63,10 +63,9 @@ cfg = TrainConfig(fsdp=fsdp, output_dir=out, progress=False, export=False, save_
                   per_device_batch_size=2)
 start = time.perf_counter()
 train(source, cfg, model=model, tokenizer=tokenizer, stop_after=1)
-local = sum((p.to_local() if is_sharded(p) else p).numel() for p in model.parameters())
 row = {"rank": dist.get_rank(), "seconds": time.perf_counter() - start, "after_step": memory_now(),
        "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-       "parameters_local": local, "parameters": sum(p.numel() for p in model.parameters())}
+       "parameters_local": local_numel(model), "parameters": sum(p.numel() for p in model.parameters())}
 print("RESULT " + json.dumps(row), flush=True)
 """
 

@@ -45,7 +45,14 @@ from hyperquant.train.interp import (
 )
 from hyperquant.train.lora import adapters_disabled, add_lora
 from hyperquant.train.losses import causal_lm_loss, kd_loss
-from hyperquant.train.sharding import full, gradient_sync_off, is_sharded, shard_like, shard_model
+from hyperquant.train.sharding import (
+    full,
+    gradient_sync_off,
+    is_sharded,
+    local_numel,
+    shard_like,
+    shard_model,
+)
 
 CSV_FIELDS = ["step", "stage", "mean_alpha", "lr", "loss", "ce", "kd", "recon", "lambda_kd", "qat", "tokens",
               "time_s"]
@@ -434,6 +441,11 @@ class _Run:
         otherwise the main process does them alone."""
         return self.cfg.fsdp
 
+    @property
+    def takes_part(self) -> bool:
+        """Whether this process saves and evaluates (writing stays the main process's)."""
+        return self.main or self.collective
+
     def save(self, at_step: int) -> dict[str, torch.Tensor]:
         """The checkpoint of ``at_step``; call on the main process, or on all when `collective`."""
         return save_checkpoint(self.output_dir, at_step, self.model, self.optimizer, self.scheduler,
@@ -643,8 +655,7 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
                      "distributed": str(run.accelerator.distributed_type.value), "sharded": _sharded(run.model),
                      "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
     if summary["sharded"]:  # what one process holds of the model's parameters (the main process's shards)
-        summary["parameters_per_process"] = sum((p.to_local() if is_sharded(p) else p).numel()
-                                                for p in run.model.parameters())
+        summary["parameters_per_process"] = local_numel(run.model)
         summary["parameters"] = sum(p.numel() for p in run.model.parameters())
     if run.collective:  # every process gathers and evaluates; the main one goes on alone to the export
         trained = run.save(done) if done > run.start_step or run.start_step == 0 else trainable_state(run.model)
@@ -844,7 +855,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
                heldout_ids=heldout_ids, source=source)
 
     bar = _progress(cfg.progress and main, cfg.max_steps, start_step)
-    if start_step == 0 and (main or run.collective) and cfg.eval_every:
+    if start_step == 0 and run.takes_part and cfg.eval_every:
         run.evaluate(0)
     t0 = time.perf_counter()
     step = start_step
@@ -862,17 +873,16 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         end_step = run.cfg.max_steps if stop_after is None else min(stop_after, run.cfg.max_steps)
         if done >= end_step:
             run.replans.clear()
-        if run.cfg.eval_every and done % run.cfg.eval_every == 0 and done < run.cfg.max_steps and \
-                (main or run.collective):
+        if run.cfg.eval_every and done % run.cfg.eval_every == 0 and done < run.cfg.max_steps and run.takes_part:
             run.evaluate(done)
         if run.cfg.save_every and done % run.cfg.save_every == 0 and done < run.cfg.max_steps:
-            if main or run.collective:
+            if run.takes_part:
                 run.save(done)
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
     if end_step < run.cfg.max_steps:
-        if (main or run.collective) and end_step > start_step:
+        if run.takes_part and end_step > start_step:
             run.save(end_step)
         accelerator.wait_for_everyone()
         return {"steps": end_step, "stopped": True, "processes": run.world, "layer_bases": layer_bases,

@@ -37,6 +37,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def local_numel(model: nn.Module) -> int:
+    """Parameter elements this process holds: its shards, and whole tensors where unsharded."""
+    return sum((p.to_local() if is_sharded(p) else p).numel() for p in model.parameters())
+
+
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` (whole, the same on every process) cut as ``param`` is sharded, without communication."""
     if not is_sharded(param) or value.shape != param.shape:
