@@ -87,6 +87,10 @@ class TrainConfig:
     blockwise_steps: int = 0
     blockwise_lr: float = 1e-3
     blockwise_samples: int = 16
+    # the block's relative error it trains on and reports: "token" (mean over tokens, what the next block's
+    # RMSNorm sees) or "whole" (over the batch, dominated by the first token's massive activations; the
+    # error before 2026-12-04, kept to reproduce the rows measured with it)
+    blockwise_error: str = "token"
     train_bias: bool = True
     # residual interpolation: the PHM branch fades in over the first 30 % of the steps (cosine, bottom-up
     # stagger), then Stage B keeps only the PHM layers
@@ -150,6 +154,8 @@ class TrainConfig:
         need(isinstance(self.blockwise_steps, int) and self.blockwise_steps >= 0 and self.blockwise_lr > 0
              and isinstance(self.blockwise_samples, int) and self.blockwise_samples >= 1,
              "blockwise_steps must be an integer >= 0, blockwise_lr > 0 and blockwise_samples >= 1")
+        need(self.blockwise_error in ("token", "whole"),
+             f"blockwise_error={self.blockwise_error!r} must be 'token' or 'whole'")
         need(isinstance(self.generated_fraction, (int, float)) and 0 <= self.generated_fraction <= 1,
              f"generated_fraction={self.generated_fraction} must be in [0, 1] (the share of teacher-generated rows)")
         if self.generated_fraction > 0:
@@ -176,6 +182,10 @@ class TrainConfig:
                  f"stage_b_step={self.stage_b_step} must be >= fade_steps={self.fade_steps} (alpha must reach 1)")
         need(self.ce_weight >= 0 and self.kd_weight >= 0 and self.recon_weight >= 0, "loss weights must be >= 0")
         need(self.ce_weight + self.kd_weight + self.recon_weight > 0, "at least one loss weight must be > 0")
+        # after Stage B only CE and KD from a teacher that outlives it remain: without them nothing trains
+        need(self.ce_weight > 0 or (self.kd_weight > 0 and self.teacher in ("dense", "separate")),
+             f"ce_weight=0 with teacher={self.teacher!r} and kd_weight={self.kd_weight} leaves no loss after "
+             "Stage B; set ce_weight > 0, or kd_weight > 0 with teacher: dense or separate")
         need(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         need(self.kd_temperature > 0, "kd_temperature must be > 0")
         if self.qat_start_step is not None:

@@ -696,12 +696,14 @@ def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.
     fit = train_ids[: cfg.blockwise_samples]
     # held-out rows: the calibration rows never trained on, else the last training rows (not fitted here)
     held = heldout_ids if heldout_ids is not None else train_ids[-max(1, cfg.per_device_batch_size):]
-    records = blockwise_stage(model, fit, held, cfg.blockwise_steps, cfg.blockwise_lr, cfg.per_device_batch_size)
+    records = blockwise_stage(model, fit, held, cfg.blockwise_steps, cfg.blockwise_lr, cfg.per_device_batch_size,
+                              error=cfg.blockwise_error)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         tokens = cfg.blockwise_steps * len(records) * min(cfg.per_device_batch_size, len(fit)) * cfg.seq_len
         (output_dir / "blockwise.json").write_text(json.dumps(
-            {"block_tokens": tokens, "heldout_rows": len(held), "blocks": records}, indent=2))
+            {"block_tokens": tokens, "heldout_rows": len(held), "error": cfg.blockwise_error, "blocks": records},
+            indent=2))
     return records
 
 

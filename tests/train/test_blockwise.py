@@ -38,8 +38,38 @@ def test_blockwise_stage_lowers_each_blocks_heldout_error():
         for layer in interpolated_layers(model).values():
             layer.alpha = 1.0
         phm = _hidden(block(*args, **kwargs))
-    error = float((phm - dense).pow(2).sum() / dense.pow(2).sum())
+    error = float(((phm - dense).pow(2).sum(-1) / dense.pow(2).sum(-1)).mean())  # per token, then the mean
     assert abs(error - records[0]["heldout_error_after"]) < 1e-4 * max(error, 1e-6)
+
+
+def test_token_error_weighs_every_token_alike():
+    """'token' is the mean of per-token relative errors, 'whole' the ratio of totals (a massive-activation
+    token dominates it), each checked against a float64 loop; a shared scale per token leaves 'token' alone."""
+    from hyperquant.train.blockwise import error_terms
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    target[:, 0] *= 1000.0  # the attention sink
+    out = target + 0.1 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    per_token = [float((out[b, t] - target[b, t]).pow(2).sum() / target[b, t].pow(2).sum())
+                 for b in range(2) for t in range(5)]
+    num, den = error_terms(out, target, "token")
+    assert abs(float(num / den) - sum(per_token) / 10) < 1e-12
+    num, den = error_terms(out, target, "whole")
+    assert abs(float(num / den) - float((out - target).pow(2).sum() / target.pow(2).sum())) < 1e-12
+    # the sink's error is 1e-6 of its norm, the others' about 1e-2: only "token" sees the others
+    assert float(num / den) < 1e-4 < sum(per_token) / 10
+    scale = torch.rand(2, 5, 1, generator=g, dtype=torch.float64) + 0.5
+    num_s, den_s = error_terms(out * scale, target * scale, "token")
+    assert abs(float(num_s / den_s) - sum(per_token) / 10) < 1e-12
+
+
+def test_blockwise_stage_on_the_whole_error_lowers_it():
+    model = _prepared()
+    fit, held = torch.randint(0, 128, (64, 32)), torch.randint(0, 128, (8, 32))
+    records = blockwise_stage(model, fit, held, steps=40, lr=1e-3, batch_size=8, error="whole")
+    for r in records:
+        assert 0 < r["heldout_error_after"] < r["heldout_error_before"], r
 
 
 def test_training_with_a_blockwise_first_stage(tiny_model_dir, tmp_path):
@@ -53,5 +83,6 @@ def test_training_with_a_blockwise_first_stage(tiny_model_dir, tmp_path):
     summary = train(tiny_model_dir, cfg)
     log = json.loads((tmp_path / "run" / "blockwise.json").read_text())
     assert len(log["blocks"]) == 2 and log["heldout_rows"] == 2 and log["block_tokens"] == 5 * 2 * 2 * 16
+    assert log["error"] == "token"
     assert all(r["heldout_error_after"] < r["heldout_error_before"] for r in log["blocks"])
     assert summary["steps"] == 2

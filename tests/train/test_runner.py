@@ -38,6 +38,10 @@ def test_config_is_validated(tmp_path):
         TrainConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ConfigError, match="unknown compress option"):
         TrainConfig.from_dict({"compress": {"bases": 3}})
+    for teacher in ("self", "none"):  # KD-only needs a teacher that outlives Stage B
+        with pytest.raises(ConfigError, match="leaves no loss after Stage B"):
+            TrainConfig(ce_weight=0.0, teacher=teacher)
+    assert TrainConfig(ce_weight=0.0, teacher="separate").ce_weight == 0.0
     (tmp_path / "t.yaml").write_text("max_steps: 7\ncompress: {layer_bases: {'layers\\.0\\.': 3}}\n")
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
     assert cfg.max_steps == 7 and cfg.compress.layer_bases == {r"layers\.0\.": 3}
