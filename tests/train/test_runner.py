@@ -168,11 +168,19 @@ def _launch_two(model_dir, config_path, options: dict) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _library_defaults() -> dict:
+    """The options the CLI's recipe (COMPRESS_RECIPE: teacher samples, a block-wise stage, KD alone) sets,
+    at TrainConfig's own values: a launched run then trains as `train(TrainConfig(...))` does."""
+    from hyperquant.train.recipe import COMPRESS_RECIPE
+
+    fields = TrainConfig.__dataclass_fields__
+    return {k: fields[k].default for k in COMPRESS_RECIPE}
+
+
 def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
     # recon_relative divides by a per-batch norm, which does not split over processes: use the plain MSE
-    # (the CLI's recipe adds teacher samples and a block-wise stage, which the library's defaults do not)
     common = {**BASE, "max_steps": 3, "save_every": 0, "recon_weight": 0.5, "recon_relative": False, "lora_r": 2,
-              "generated_fraction": 0.0, "blockwise_steps": 0}
+              **_library_defaults()}
     one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
     train(str(tiny_model_dir), one)
     _launch_two(tiny_model_dir, tmp_path / "two.yaml", {**common, "output_dir": str(tmp_path / "two")})
@@ -240,7 +248,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
     accumulation (unsynchronized micro-batches) and the export (rebuilt unsharded); a resume loads the
     gathered checkpoint back into shards, moments included, and continues bit for bit."""
     common = {**BASE, "max_steps": 4, "save_every": 2, "fade_steps": 2, "stage_b_step": 3, "recon_weight": 0.5,
-              "recon_relative": False, "lora_r": 2, "generated_fraction": 0.0, "blockwise_steps": 0,
+              "recon_relative": False, "lora_r": 2, **_library_defaults(),
               "qat_start_step": 2, "qat_learn_scales": True, "export": True,
               "compress": {"group_size": 16, "heldout_samples": 0}}
     one = TrainConfig(**{**common, "per_device_batch_size": 4}, output_dir=str(tmp_path / "one"))
