@@ -24,6 +24,7 @@ from torch import nn
 
 from hyperquant.convert import block_index
 from hyperquant.pipeline import _capture_block_inputs, _run_block
+from hyperquant.train.config import BLOCKWISE_ERRORS
 from hyperquant.train.interp import InterpolatedLinear, interpolated_layers
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ def _hidden(out) -> torch.Tensor:
 def _set_alpha(layers: list[InterpolatedLinear], alpha: float) -> None:
     for layer in layers:
         layer.alpha = alpha
-
-
-ERRORS = ("token", "whole")
 
 
 def error_terms(out: torch.Tensor, target: torch.Tensor, error: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +63,8 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
     on ``fit_ids``, block by block, on the relative error ``error`` ("token" or "whole"); returns one record
     per block with its held-out error before and after. Every layer's alpha is 0 again afterwards (the
     end-to-end schedule sets it)."""
-    if error not in ERRORS:
-        raise ValueError(f"error={error!r} must be one of {ERRORS}")
+    if error not in BLOCKWISE_ERRORS:
+        raise ValueError(f"error={error!r} must be one of {BLOCKWISE_ERRORS}")
     layers = interpolated_layers(model)
     by_list: dict[str, dict[int, list[InterpolatedLinear]]] = {}
     for name, layer in layers.items():

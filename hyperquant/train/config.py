@@ -20,6 +20,7 @@ TEACHERS = ("dense", "self", "separate", "none")
 EXPORT_METHODS = ("gptq", "rtn")
 CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+BLOCKWISE_ERRORS = ("token", "whole")  # hyperquant.train.blockwise.error_terms
 
 
 @dataclass
@@ -154,8 +155,8 @@ class TrainConfig:
         need(isinstance(self.blockwise_steps, int) and self.blockwise_steps >= 0 and self.blockwise_lr > 0
              and isinstance(self.blockwise_samples, int) and self.blockwise_samples >= 1,
              "blockwise_steps must be an integer >= 0, blockwise_lr > 0 and blockwise_samples >= 1")
-        need(self.blockwise_error in ("token", "whole"),
-             f"blockwise_error={self.blockwise_error!r} must be 'token' or 'whole'")
+        need(self.blockwise_error in BLOCKWISE_ERRORS,
+             f"blockwise_error={self.blockwise_error!r} must be one of {list(BLOCKWISE_ERRORS)}")
         need(isinstance(self.generated_fraction, (int, float)) and 0 <= self.generated_fraction <= 1,
              f"generated_fraction={self.generated_fraction} must be in [0, 1] (the share of teacher-generated rows)")
         if self.generated_fraction > 0:
