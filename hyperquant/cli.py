@@ -35,6 +35,9 @@ def _configure_logging() -> None:
                               markup=False, highlighter=None)
         handler._hyperquant_cli = True
         library.addHandler(handler)
+    # bitsandbytes (imported through peft) warns on a CPU with AVX512-BF16 that it could not fetch a hub
+    # kernel; nothing of bitsandbytes runs in these commands (hub code is never loaded here, see models.py)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _fail(message: str) -> None:

@@ -1,28 +1,36 @@
 """Distillation recipes side by side at one token budget, on both evaluation domains (issue #14's table).
 
-    python scripts/bench_distill.py --out docs/bench_distill                       # default model, 204,800 tokens
+    python scripts/bench_distill.py --out docs/bench_distill/tokens-204800        # default model, 204,800 tokens
     python scripts/bench_distill.py --out /tmp/d --tokens 25600 --model DIR --set eval_context=256
 
 Each recipe is the real command, `hyperquant compress MODEL --bits 4 --train-tokens T --train-config R.yaml`,
 in a fresh process with its own output folder (reused when present: delete it to measure again), so every
-row has the same budget, data seed and protocol (4,096 held-out tokens of Wikipedia and of the Python
-language reference). Recipes:
+row has the same budget, data seed, precision and protocol (4,096 held-out tokens of Wikipedia and of the
+Python language reference). Recipes:
 
 - text: the recipe before issue #14 (calibration text only, no block-wise stage);
 - generated: every row the steps read sampled from the dense model (generated_fraction 1);
 - mixture: half text, half teacher samples (generated_fraction 0.5);
 - blockwise+best: a block-wise first stage (blockwise_steps per block) before the best of the three above
   on the second domain (or --best NAME);
-- --recipe NAME=JSON: any other recipe, beside them (e.g. the compress recipe: KD alone at T=1, the per-token block error).
+- kd1-token: blockwise+mixture with LLM-QAT's objective (KD alone at T = 1) and the block-wise stage on each
+  token's error, B = num_bases everywhere (the compress recipe of 2026-12-04);
+- same-size-capacity: that, with the bases moved where the measured KL says (capacity_cost kl) within the same
+  parameter count (capacity_budget 2 = num_bases, B from 1 to n^2);
+- default: the compress recipe as it is (`hyperquant compress --bits 4` at this budget; since 2026-12-07 the
+  paper's capacity budget, num_bases + 1/3 bases per layer, assigned by measured KL);
+- --recipe NAME=JSON: any other recipe, beside them.
 
 The first four keep the objective they were measured with before the compress recipe changed,
-cross-entropy plus KD at T=4 (ce_weight 1, kd_temperature 4) and the block-wise stage on the batch's
-whole relative error (blockwise_error whole), so their rows stay comparable.
+cross-entropy plus KD at T=4 (ce_weight 1, kd_temperature 4), the block-wise stage on the batch's whole
+relative error (blockwise_error whole) and no capacity assignment, so their rows stay comparable. Every row
+trains in the compress recipe's precision (mixed_precision auto: bf16 on a CPU with AMX or AVX512-BF16).
 
 --recipes runs a subset (one long run per session on a slow machine); runs already in --out are reused
 when their options are the same, and refused when not, and the table lists every recipe measured there.
 
-The token budget counts the end-to-end steps; the block-wise stage's tokens are reported beside it.
+The token budget counts the end-to-end steps; the block-wise stage's tokens are reported beside it, and
+each row's model size (MB of weights as stored).
 Writes results.json and results.md to --out and prints the table.
 """
 
@@ -35,12 +43,17 @@ import sys
 import time
 from pathlib import Path
 
-# explicit against the compress recipe (which now has a block-wise stage, half generated rows and KD
-# alone at T = 1): the data recipes are compared under the objective they were first measured with
-CE_AND_KD4 = {"ce_weight": 1.0, "kd_temperature": 4.0}
+# explicit against the compress recipe (which now has a block-wise stage, half generated rows, KD alone at
+# T = 1 and measured capacity): the data recipes are compared under the objective they were first measured with
+CE_AND_KD4 = {"ce_weight": 1.0, "kd_temperature": 4.0, "capacity": "none"}
 RECIPES = {"text": {"generated_fraction": 0.0, "blockwise_steps": 0, **CE_AND_KD4},
            "generated": {"generated_fraction": 1.0, "blockwise_steps": 0, **CE_AND_KD4},
            "mixture": {"generated_fraction": 0.5, "blockwise_steps": 0, **CE_AND_KD4}}
+# after blockwise+best: the later steps of the compress recipe, each against the compress recipe as it is
+LATER = {"kd1-token": {"capacity": "none"},
+         # the bench runs `compress --bits 4` with its default B = 2: a mean of 2 bases is the same size
+         "same-size-capacity": {"capacity_budget": 2.0, "capacity_min_bases": 1},
+         "default": {}}
 
 
 def finished_options(work: Path, name: str) -> dict | None:
@@ -89,9 +102,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a training option for every recipe, e.g. --set eval_context=256 (repeatable)")
-    parser.add_argument("--recipes", default=",".join([*RECIPES, "blockwise+best"]),
-                        help="the recipes to run, comma-separated (a subset of text, generated, mixture, "
-                             "blockwise+best); runs already in --out are reused")
+    named = [*RECIPES, "blockwise+best", *LATER]
+    parser.add_argument("--recipes", default=",".join(named),
+                        help=f"the recipes to run, comma-separated (a subset of {', '.join(named)}); runs already "
+                             f"in --out are reused")
     parser.add_argument("--best", choices=[*RECIPES], default=None,
                         help="the recipe blockwise+best builds on (default: the best of those run on the docs)")
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
@@ -99,9 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     common = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     chosen = [name.strip() for name in args.recipes.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - {*RECIPES, "blockwise+best"})
+    unknown = sorted(set(chosen) - set(named))
     if unknown:
-        sys.exit(f"error: --recipes {unknown[0]}: choose from {', '.join([*RECIPES, 'blockwise+best'])}")
+        sys.exit(f"error: --recipes {unknown[0]}: choose from {', '.join(named)}")
     if "blockwise+best" in chosen and args.best is None and not set(RECIPES) <= set(chosen):
         sys.exit("error: blockwise+best without all of text, generated and mixture needs --best NAME")
     work = args.out / "runs"
@@ -123,22 +137,28 @@ def main() -> None:
     elif (found := finished_options(work, "blockwise+best")) is not None:
         results.append(run_recipe("blockwise+best", found, args, work,
                                   {k: v for k, v in found.items() if k not in common}))
+    for name, options in LATER.items():
+        if name in chosen:
+            results.append(run_recipe(name, {**common, **options}, args, work, options))
+        elif (found := finished_options(work, name)) is not None:
+            results.append(run_recipe(name, found, args, work, {k: v for k, v in found.items() if k not in common}))
     for item in args.recipe:
         name, _, text = item.partition("=")
         shown = json.loads(text)
         results.append(run_recipe(name, {**common, **shown}, args, work, shown))
     original = results[0]["rows"][0]
-    lines = [("| recipe | steps | block-wise tokens | Wikipedia | Python docs | × original (docs) | minutes "
-              "(block-wise) |"), "|---|---:|---:|---:|---:|---:|---:|",
-             (f"| original fp32 | - | - | {original['perplexity']:.2f} | "
-              f"{original['perplexity_second_domain']:.2f} | 1.0 | - |")]
+    lines = [("| recipe | steps | block-wise tokens | MB | Wikipedia | Python docs | × original (docs) | minutes "
+              "(block-wise) |"), "|---|---:|---:|---:|---:|---:|---:|---:|",
+             (f"| original fp32 | - | - | {original['size']['bytes'] / 1e6:.1f} | "
+              f"{original['perplexity']:.2f} | {original['perplexity_second_domain']:.2f} | 1.0 | - |")]
     for r in results:
         row = r["rows"][-1]
         minutes = "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
         if r["blockwise_seconds"]:
             minutes += f" ({r['blockwise_seconds'] / 60:.1f})"
         lines.append(f"| {r['recipe']} {json.dumps(r['shown'])} | {r['steps']} | {r['blockwise_tokens']:,} | "
-                     f"{row['perplexity']:.2f} | {row['perplexity_second_domain']:.2f} | "
+                     f"{row['size']['bytes_on_disk'] / 1e6:.1f} | {row['perplexity']:.2f} | "
+                     f"{row['perplexity_second_domain']:.2f} | "
                      f"{row['perplexity_second_domain'] / original['perplexity_second_domain']:.1f} | {minutes} |")
     table = "\n".join(lines)
     print(table)

@@ -209,3 +209,18 @@ def test_dense_teacher_is_the_original_model_in_stage_b():
     assert (student - expected).abs().max() > 1e-2  # the student is not the teacher
     drop_dense(model)  # the export drops them for good
     assert all(m.dense is None for m in interpolated_layers(model).values())
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    from hyperquant.device import fast_bf16, resolve_mixed_precision
+
+    cpu = torch.device("cpu")
+    for setting in ("no", "bf16", "fp16"):
+        assert resolve_mixed_precision(setting, cpu) == setting
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": False}, raising=False)
+    assert fast_bf16(cpu) and resolve_mixed_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
+    assert not fast_bf16(cpu) and resolve_mixed_precision("auto", cpu) == "no"
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # an older torch: never guessed
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert not fast_bf16(torch.device("meta"))

@@ -16,8 +16,10 @@ block's error measured by the same on held-out rows before and after its trainin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,11 +60,13 @@ def _relative_error(block: nn.Module, inputs: list[tuple], targets: list[torch.T
 
 
 def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.Tensor, steps: int, lr: float,
-                    batch_size: int = 4, progress=None, error: str = "token") -> list[dict]:
+                    batch_size: int = 4, progress=None, error: str = "token",
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[dict]:
     """Train each block's interpolated layers (their PHM factors, at alpha = 1) for ``steps`` Adam steps
     on ``fit_ids``, block by block, on the relative error ``error`` ("token" or "whole"); returns one record
     per block with its held-out error before and after. Every layer's alpha is 0 again afterwards (the
-    end-to-end schedule sets it)."""
+    end-to-end schedule sets it). ``autocast``: the context the forwards run in (the training's mixed
+    precision); the errors and the loss are computed in fp32."""
     if error not in BLOCKWISE_ERRORS:
         raise ValueError(f"error={error!r} must be one of {BLOCKWISE_ERRORS}")
     layers = interpolated_layers(model)
@@ -77,8 +81,12 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
     everything = list(layers.values())
     _set_alpha(everything, 0.0)
 
+    from hyperquant.evals.perplexity import model_device
+
+    device = model_device(model)
+
     def batches(ids):
-        return [{"input_ids": ids[i : i + batch_size]} for i in range(0, len(ids), batch_size)]
+        return [{"input_ids": ids[i : i + batch_size].to(device)} for i in range(0, len(ids), batch_size)]
 
     # The blocks the text rows reach: a vision-language model's vision encoder runs only on images, so its
     # layers are left to the end-to-end steps.
@@ -96,42 +104,49 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
     blocks, by_block = model.get_submodule(list_name), by_list[list_name]
     records = []
     try:
-        for idx in range(max(by_block) + 1):
-            block, trained = blocks[idx], by_block.get(idx, [])
-            if trained:
-                start = time.perf_counter()
-                _set_alpha(trained, 0.0)
-                with torch.no_grad():  # the dense block on the compressed prefix's outputs
-                    fit_targets = [_hidden(block(*a, **k)).float() for a, k in fit]
-                    held_targets = [_hidden(block(*a, **k)).float() for a, k in held]
-                _set_alpha(trained, 1.0)
-                before = _relative_error(block, held, held_targets, error)
-                params = [p for layer in trained for p in layer.phm.parameters() if p.requires_grad]
-                optimizer = torch.optim.Adam(params, lr=lr)
-                losses = []
-                for step in range(steps):
-                    args, kwargs = fit[step % len(fit)]
-                    target = fit_targets[step % len(fit)]
-                    out = _hidden(block(*args, **kwargs)).float()
-                    num, den = error_terms(out, target, error)
-                    loss = num / den.clamp_min(1e-30)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                after = _relative_error(block, held, held_targets, error)
-                log.info("block-wise stage: block %d/%d, held-out error %.4f -> %.4f (%.1f s)", idx + 1,
-                         max(by_block) + 1, before, after, time.perf_counter() - start)
-                records.append({"block": idx, "layers": len(trained), "steps": steps,
-                                "heldout_error_before": before, "heldout_error_after": after,
-                                "fit_loss_first": losses[0] if losses else None,
-                                "fit_loss_last": losses[-1] if losses else None,
-                                "time_s": time.perf_counter() - start})
-            with torch.no_grad():  # the next block's inputs: this block as compressed
-                fit, held = _run_block(block, fit), _run_block(block, held)
-            if progress is not None:
-                progress(idx + 1, len(blocks))
+        with autocast():
+            _train_blocks(blocks, by_block, fit, held, steps, lr, error, records, progress)
     finally:
         _set_alpha(everything, 0.0)
         model.train(was_training)
     return records
+
+
+def _train_blocks(blocks: nn.ModuleList, by_block: dict[int, list[InterpolatedLinear]], fit: list[tuple],
+                  held: list[tuple], steps: int, lr: float, error: str, records: list[dict], progress) -> None:
+    """The stage's loop over the blocks in order (see `blockwise_stage`), appending to ``records``."""
+    for idx in range(max(by_block) + 1):
+        block, trained = blocks[idx], by_block.get(idx, [])
+        if trained:
+            start = time.perf_counter()
+            _set_alpha(trained, 0.0)
+            with torch.no_grad():  # the dense block on the compressed prefix's outputs
+                fit_targets = [_hidden(block(*a, **k)).float() for a, k in fit]
+                held_targets = [_hidden(block(*a, **k)).float() for a, k in held]
+            _set_alpha(trained, 1.0)
+            before = _relative_error(block, held, held_targets, error)
+            params = [p for layer in trained for p in layer.phm.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=lr)
+            losses = []
+            for step in range(steps):
+                args, kwargs = fit[step % len(fit)]
+                target = fit_targets[step % len(fit)]
+                out = _hidden(block(*args, **kwargs)).float()
+                num, den = error_terms(out, target, error)
+                loss = num / den.clamp_min(1e-30)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            after = _relative_error(block, held, held_targets, error)
+            log.info("block-wise stage: block %d/%d, held-out error %.4f -> %.4f (%.1f s)", idx + 1,
+                     max(by_block) + 1, before, after, time.perf_counter() - start)
+            records.append({"block": idx, "layers": len(trained), "steps": steps,
+                            "heldout_error_before": before, "heldout_error_after": after,
+                            "fit_loss_first": losses[0] if losses else None,
+                            "fit_loss_last": losses[-1] if losses else None,
+                            "time_s": time.perf_counter() - start})
+        with torch.no_grad():  # the next block's inputs: this block as compressed
+            fit, held = _run_block(block, fit), _run_block(block, held)
+        if progress is not None:
+            progress(idx + 1, len(blocks))

@@ -19,7 +19,9 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 TEACHERS = ("dense", "self", "separate", "none")
 EXPORT_METHODS = ("gptq", "rtn")
 CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+CAPACITY_COSTS = ("fisher", "kl")  # hyperquant.train.capacity
+CAPACITY_BOUNDS = ("num_bases", "n^2")  # capacity_min_bases / capacity_max_bases relative to the layers' shape
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 BLOCKWISE_ERRORS = ("token", "whole")  # hyperquant.train.blockwise.error_terms
 
 
@@ -67,7 +69,9 @@ class TrainConfig:
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
     max_grad_norm: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "no"  # "bf16" (CPU or GPU autocast) / "fp16" (GPU only)
+    # "bf16" (CPU or GPU autocast) / "fp16" (GPU only) / "auto": bf16 where the device multiplies bf16
+    # natively (hyperquant.device.fast_bf16: AMX or AVX512-BF16 CPUs, bf16 GPUs), else "no"
+    mixed_precision: str = "no"
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda or cuda:<i>; `accelerate launch` sets it per process
     # recompute each decoder block's activations in the backward instead of keeping them (less memory,
     # about a third more compute); the gradients are the same
@@ -113,12 +117,18 @@ class TrainConfig:
     # QAT on A_cat at compress.bits / group_size / symmetric
     qat_start_step: int | None = None  # None = no QAT
     qat_learn_scales: bool = False
-    # capacity assignment (Fisher)
+    # capacity assignment (train/capacity.py): how many bases each FFN linear gets
     capacity: str = "none"
+    # the cost of B bases: "fisher" (Fisher trace x weight error) or "kl" (measured: the KL of the model with
+    # that layer alone replaced by its B-basis fit, on capacity_samples rows the fit did not see)
+    capacity_cost: str = "fisher"
     capacity_budget: float | None = None  # mean number of bases per FFN linear; None = num_bases + 1/3
     capacity_topk: int | None = None  # the paper's rule: these many most sensitive layers get B = num_bases + 1
     capacity_samples: int = 8
-    capacity_max_bases: int | None = None  # None = num_bases + 1
+    # the most and (knapsack and greedy) the fewest bases a layer gets: a number, or "num_bases" or "n^2"
+    # (compress.num_bases, compress.n squared: what the layers' shape allows); None = num_bases + 1 and 1
+    capacity_max_bases: int | str | None = None
+    capacity_min_bases: int | str | None = None
     # LoRA on attention
     lora_r: int = 0  # 0 = no LoRA
     lora_alpha: float = 16.0
@@ -195,8 +205,15 @@ class TrainConfig:
         need(not self.qat_learn_scales or self.qat_start_step is not None, "qat_learn_scales needs qat_start_step")
         if self.capacity_budget is not None:
             need(1 <= self.capacity_budget <= c.n * c.n, "capacity_budget (mean bases per layer) must be in [1, n^2]")
-        if self.capacity_max_bases is not None:
-            need(1 <= self.capacity_max_bases <= c.n * c.n, "capacity_max_bases must be in [1, n^2]")
+        for name in ("capacity_max_bases", "capacity_min_bases"):
+            value = getattr(self, name)
+            need(value is None or value in CAPACITY_BOUNDS or (isinstance(value, int) and not isinstance(value, bool)),
+                 f"{name}={value!r} must be a number of bases, {' or '.join(map(repr, CAPACITY_BOUNDS))}")
+        low, top = self.capacity_bounds
+        need(1 <= top <= c.n * c.n, f"capacity_max_bases={top} must be in [1, n^2={c.n * c.n}]")
+        need(1 <= low <= top, f"capacity_min_bases={low} must be in [1, capacity_max_bases={top}]")
+        need(self.capacity_cost in CAPACITY_COSTS,
+             f"capacity_cost={self.capacity_cost!r} must be one of {list(CAPACITY_COSTS)}")
         if self.capacity_topk is not None:
             need(self.capacity_topk >= 0, "capacity_topk must be >= 0")
         need(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
@@ -207,6 +224,18 @@ class TrainConfig:
         need(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0 or null")
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0")
         need(all(0.0 <= a <= 1.0 for a in self.eval_alphas), "eval_alphas must lie in [0, 1]")
+
+    @property
+    def capacity_bounds(self) -> tuple[int, int]:
+        """(fewest, most) bases the capacity assignment may give a layer, the named bounds resolved."""
+        c = self.compress
+        named = {"num_bases": c.num_bases, "n^2": c.n * c.n}
+
+        def resolve(value, default: int) -> int:
+            return default if value is None else named.get(value, value)
+
+        return (resolve(self.capacity_min_bases, 1),
+                resolve(self.capacity_max_bases, min(c.num_bases + 1, c.n * c.n)))
 
     @property
     def stage_b(self) -> int:

@@ -12,28 +12,48 @@ from torch import nn
 from hyperquant.config import CompressConfig
 from hyperquant.convert import set_module
 from hyperquant.errors import HyperquantError
-from hyperquant.kinds import kind_of_entry
-from hyperquant.kinds.phm import phm_float_module, quantize_phm
+from hyperquant.kinds import PlanEntry, kind_of_entry
+from hyperquant.kinds.dense import DenseQuantPlan
+from hyperquant.kinds.phm import PHMFields, PHMQuantPlan, phm_float_module, quantize_phm
+from hyperquant.kinds.quantize import QuantFields, quantize_matrix
 from hyperquant.linalg import quadratic_form
 from hyperquant.phm.projection import relative_output_error
 from hyperquant.pipeline import FORMAT_VERSION, input_covariances, round_rest
 from hyperquant.plan import plan_to_dict
-from hyperquant.quant.modules import QuantPHMLinear
+from hyperquant.quant.modules import QuantLinear, QuantPHMLinear
 from hyperquant.train.config import TrainConfig
 from hyperquant.train.interp import InterpolatedLinear, drop_dense, interpolated_layers
 from hyperquant.train.lora import merge_lora
 
 
-def _final_module(m: InterpolatedLinear, entry, cov, record: dict) -> nn.Module:
+def dense_entry_of(entry: PHMQuantPlan) -> DenseQuantPlan:
+    """The dense-quant entry with ``entry``'s quantizer settings."""
+    return DenseQuantPlan(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(QuantFields)})
+
+
+def _final_module(m: InterpolatedLinear, entry, cov, record: dict) -> tuple[nn.Module, PlanEntry]:
+    """The exported module of one trained layer and its plan entry."""
     phm = m.phm
     bias = None if phm.bias is None else phm.bias.detach().float().cpu()
     bases = phm.bases.detach().float().cpu()
     if entry.kind == "phm-float":
-        return phm_float_module(bases, phm.factors.detach().float().cpu(), phm.in_features, phm.out_features, bias)
+        return phm_float_module(bases, phm.factors.detach().float().cpu(), phm.in_features, phm.out_features,
+                                bias), entry
     a_cat = phm.a_cat.detach().float().cpu().contiguous()
     quantizer = m.quantizer
-    if entry.method == "rtn" and quantizer is not None and \
-            (quantizer.bits, quantizer.group_size, quantizer.symmetric) == (entry.bits, entry.group_size, entry.symmetric):
+    qat_grid = entry.method == "rtn" and quantizer is not None and \
+        (quantizer.bits, quantizer.group_size, quantizer.symmetric) == (entry.bits, entry.group_size, entry.symmetric)
+    if phm.num_bases == phm.n * phm.n and not qat_grid:
+        # n^2 bases span every matrix, so the layer is just W = sum_b H_b kron A_b: stored and run as a dense
+        # quantized layer, the same parameters at half the multiply-adds of its PHM form (B*in*out/n).
+        # (QAT trained A_cat's own grid: that layer stays PHM so the checkpoint computes what was trained.)
+        dense = dense_entry_of(entry)
+        weight = phm.effective_weight().detach().float().cpu()
+        for phm_field in dataclasses.fields(PHMFields):
+            record.pop(phm_field.name, None)
+        record.update(dense.to_dict(), trained_as=f"PHM n={phm.n} B={phm.num_bases}")
+        return QuantLinear.from_quantized(quantize_matrix(weight, cov, dense, record), bias), dense
+    if qat_grid:
         # QAT's own grid (its learned scales, if any): the checkpoint computes what was trained
         qw = quantizer.quantized(a_cat)
         if cov is not None:
@@ -41,10 +61,10 @@ def _final_module(m: InterpolatedLinear, entry, cov, record: dict) -> nn.Module:
 
             hz = mixed_hessian(bases, cov)
             record["quant_error"] = quadratic_form(a_cat - qw.dequantize(), hz) / quadratic_form(a_cat, hz)
-        return QuantPHMLinear.from_quantized(qw, bases, phm.in_features, bias)
+        return QuantPHMLinear.from_quantized(qw, bases, phm.in_features, bias), entry
     if entry.method == "gptq" and cov is None:
         raise HyperquantError("GPTQ export needs calibration inputs")
-    return quantize_phm(entry, bases, a_cat, phm.in_features, bias, cov, record)
+    return quantize_phm(entry, bases, a_cat, phm.in_features, bias, cov, record), entry
 
 
 def compress_config_for(cfg: TrainConfig, model: nn.Module) -> CompressConfig:
@@ -94,7 +114,7 @@ def finalize(model: nn.Module, cfg: TrainConfig, calib_ids=None, train_summary: 
     for name, m in layers.items():
         record = {"name": name, "in_features": m.phm.in_features, "out_features": m.phm.out_features,
                   **plan[name].to_dict(), "trained": True}
-        new = _final_module(m, plan[name], covs.get(name), record)
+        new, plan[name] = _final_module(m, plan[name], covs.get(name), record)
         if name in heldout:
             record["quant_error_heldout"] = relative_output_error(
                 m.phm.effective_weight().detach().float().cpu(), new.effective_weight(), heldout[name])

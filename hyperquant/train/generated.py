@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 class GenerationSettings:
     """How the teacher's sequences are sampled: ``sequences`` rows of ``seq_len`` tokens, each started
     from the BOS token (or, without one, a token drawn uniformly from the vocabulary), then sampled at
-    ``temperature`` from the top ``top_k`` tokens (0: all), ``batch_size`` sequences at a time."""
+    ``temperature`` from the top ``top_k`` tokens (0: all), ``batch_size`` sequences at a time, in fp32
+    (bf16 autocast sampled only 1.3x faster on a bf16 host: decoding is bound by per-step overhead)."""
 
     sequences: int = 256
     seq_len: int = 256
@@ -73,6 +75,7 @@ def generate_sequences(model: nn.Module, settings: GenerationSettings, bos_id: i
     was_training = model.training
     model.eval()
     rows = []
+    began = time.perf_counter()
     try:
         for start in range(0, settings.sequences, settings.batch_size):
             count = min(settings.batch_size, settings.sequences - start)
@@ -89,6 +92,8 @@ def generate_sequences(model: nn.Module, settings: GenerationSettings, bos_id: i
                     past = out.past_key_values
                 out = model(input_ids=step.to(device), use_cache=True, **{cache_name: past})
             rows.append(tokens)
+            log.info("teacher-generated data: %d/%d sequences (%.0f s)", start + count, settings.sequences,
+                     time.perf_counter() - began)
     finally:
         model.train(was_training)
     return torch.cat(rows)

@@ -31,8 +31,16 @@ QAT_START_FRACTION = 0.6
 # there, and the block-wise stage on each token's error (TrainConfig's blockwise_error default) 256 / 197;
 # docs/bench_distill. Not applied to vision-language models, where it was not measured (their training
 # rows are text plus image-caption pairs).
+# Capacity: the paper's budget (a mean of num_bases + 1/3 bases per FFN linear) spent where a measured KL
+# says the PHM fit costs most (capacity_cost "kl": the first and last blocks' FFN; the Fisher trace ranks
+# layers otherwise and gives 60 of 90 layers one basis), never fewer bases than num_bases: 73.1 / 76.0 at
+# 25,600 tokens (float factors) against 185.0 / 194.7 with B = 2 everywhere, for 6 % more bytes.
+# bf16 where the processor multiplies it natively (mixed_precision "auto"): the same figures at about
+# half the time on an AMX CPU (197.2 / 253.5 against 198.1 / 252.6 in fp32 at 25,600 tokens).
 COMPRESS_RECIPE = {"generated_fraction": 0.5, "blockwise_steps": 72, "blockwise_samples": 96,
-                   "ce_weight": 0.0, "kd_temperature": 1.0}
+                   "ce_weight": 0.0, "kd_temperature": 1.0, "mixed_precision": "auto",
+                   "capacity": "knapsack", "capacity_cost": "kl", "capacity_min_bases": "num_bases",
+                   "capacity_max_bases": "n^2"}
 
 
 def tokens_per_step(tcfg: TrainConfig) -> int:

@@ -368,10 +368,11 @@ def _accelerator(cfg: TrainConfig):
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
 
-    from hyperquant.device import resolve_device
+    from hyperquant.device import resolve_device, resolve_mixed_precision
 
     device = resolve_device(cfg.device, "device")
-    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+    precision = resolve_mixed_precision(cfg.mixed_precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise HyperquantError("mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)  # accelerate's single process uses the current CUDA device
@@ -383,7 +384,7 @@ def _accelerator(cfg: TrainConfig):
         raise HyperquantError("accelerate launch --use_fsdp is not how hyperquant train shards: set fsdp: true in "
                               "the config and launch with accelerate launch --multi_gpu --num_processes N")
     # cpu=True: several processes (`accelerate launch --multi_gpu`, torchrun) then use gloo.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=device.type == "cpu")
     if cfg.fsdp and accelerator.num_processes < 2:
         raise HyperquantError("fsdp: true shards the model over several processes; launch with accelerate launch "
                               "--multi_gpu --num_processes N (N >= 2), or set fsdp: false")
@@ -471,16 +472,23 @@ def _resume_state(cfg: TrainConfig, output_dir: Path, fingerprint: dict) -> tupl
 
 
 def _assign_bases(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, state: dict | None, main: bool,
-                  output_dir: Path) -> tuple[dict[str, int], CapacityPlan | None]:
+                  output_dir: Path, autocast=contextlib.nullcontext) -> tuple[dict[str, int], CapacityPlan | None]:
     """B per layer: the config's, the Fisher capacity plan's on a new run, the checkpoint's on resume."""
     c = cfg.compress
     if state is not None:
         return state["layer_bases"], None
     if cfg.capacity == "none":
         return dict(c.layer_bases), None
-    plan = assign_capacity(model, train_ids[: cfg.capacity_samples], c.n, c.num_bases, cfg.capacity,
-                           cfg.capacity_budget, cfg.capacity_topk, cfg.capacity_max_bases, c.bits,
-                           c.group_size, c.symmetric, c.target_patterns)
+    if cfg.capacity_cost == "kl":  # measured on rows the layers' fits (the initial fit's rows) do not see
+        fit_ids = train_ids[: cfg.init_samples]
+        measured = train_ids[cfg.init_samples : cfg.init_samples + cfg.capacity_samples]  # _check_capacity_rows
+    else:
+        fit_ids, measured = None, train_ids[: cfg.capacity_samples]
+    min_bases, max_bases = cfg.capacity_bounds
+    plan = assign_capacity(model, measured, c.n, c.num_bases, cfg.capacity, cfg.capacity_budget, cfg.capacity_topk,
+                           max_bases, c.bits, c.group_size, c.symmetric, c.target_patterns,
+                           cost=cfg.capacity_cost, min_bases=min_bases, fit_ids=fit_ids,
+                           ridge=c.ridge, autocast=autocast)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "capacity.json").write_text(json.dumps(plan.to_dict(), indent=2))
@@ -587,8 +595,14 @@ def _micro_step(run: _Run, batch: dict[str, torch.Tensor], lambda_kd: float) -> 
                     teacher_logits = run.model(**inputs, use_cache=False).logits
     with accelerator.autocast():
         logits = run.wrapped(**inputs, use_cache=False).logits
-    ce = causal_lm_loss(logits, batch.get("labels", batch["input_ids"]), cfg.label_smoothing)
-    loss = cfg.ce_weight * ce
+    labels = batch.get("labels", batch["input_ids"])
+    if cfg.ce_weight > 0:
+        ce = causal_lm_loss(logits, labels, cfg.label_smoothing)
+        loss = cfg.ce_weight * ce
+    else:  # logged only: no graph through a second pass over the logits
+        with torch.no_grad():
+            ce = causal_lm_loss(logits.detach(), labels, cfg.label_smoothing)
+        loss = torch.zeros((), device=logits.device)
     # padding is not distilled (every position of an unpadded batch is)
     kd = kd_loss(logits, teacher_logits, cfg.kd_temperature, batch.get("attention_mask")) \
         if teacher_logits is not None else None
@@ -652,6 +666,7 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     if done >= cfg.stage_b and has_dense(run.model):
         drop_dense(run.model, keep_teacher=keeps_teacher(cfg))
     summary: dict = {"steps": done, "processes": run.world, "train_time_s": time.perf_counter() - t0,
+                     "mixed_precision": str(run.accelerator.mixed_precision),
                      "distributed": str(run.accelerator.distributed_type.value), "sharded": _sharded(run.model),
                      "layer_bases": run.layer_bases, "output_dir": str(run.output_dir)}
     if summary["sharded"]:  # what one process holds of the model's parameters (the main process's shards)
@@ -669,8 +684,8 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     if run.main:
         summary["eval"] = run.history
         if run.capacity is not None:
-            summary["capacity"] = {"method": run.capacity.method, "total_params": run.capacity.total_params,
-                                   "total_bytes": run.capacity.total_bytes}
+            summary["capacity"] = {"method": run.capacity.method, "cost": run.capacity.cost,
+                                   "total_params": run.capacity.total_params, "total_bytes": run.capacity.total_bytes}
         if cfg.export:
             from hyperquant.checkpoint import save_compressed
 
@@ -688,17 +703,20 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
 
 
 def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, heldout_ids, output_dir: Path,
-                           main: bool) -> list[dict]:
-    """The block-wise stage of a new run (a resumed one has its result in the checkpoint); its per-block
+                           accelerator) -> list[dict]:
+    """The block-wise stage of a new run (a resumed one has its result in the checkpoint), on the training
+    device (every process its own copy under FSDP, on the host) in the training's precision; its per-block
     held-out errors go to blockwise.json."""
     from hyperquant.train.blockwise import blockwise_stage
 
     fit = train_ids[: cfg.blockwise_samples]
     # held-out rows: the calibration rows never trained on, else the last training rows (not fitted here)
     held = heldout_ids if heldout_ids is not None else train_ids[-max(1, cfg.per_device_batch_size):]
+    if not cfg.fsdp:  # accelerate would move it later; the stage runs where the steps will
+        model.to(accelerator.device)
     records = blockwise_stage(model, fit, held, cfg.blockwise_steps, cfg.blockwise_lr, cfg.per_device_batch_size,
-                              error=cfg.blockwise_error)
-    if main:
+                              error=cfg.blockwise_error, autocast=accelerator.autocast)
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         tokens = cfg.blockwise_steps * len(records) * min(cfg.per_device_batch_size, len(fit)) * cfg.seq_len
         (output_dir / "blockwise.json").write_text(json.dumps(
@@ -711,19 +729,36 @@ def default_generation_cache() -> Path:
     return Path(os.environ.get("HYPERQUANT_CACHE", Path.home() / ".cache" / "hyperquant")) / "generated"
 
 
+def _rows_read(cfg: TrainConfig, train_ids: torch.Tensor) -> torch.Tensor:
+    """The training rows a run with teacher samples keeps. Only the rows the run reads are mixed (the steps
+    draw a seeded permutation of all rows, so a mixture of the whole text set would put a diluted share in
+    front of the model): the training set becomes as many rows as the steps read, a share of them
+    generated. (A time budget does not know its steps yet: there, all rows.)"""
+    if cfg.max_minutes is not None:
+        return train_ids
+    read = cfg.max_steps * cfg.per_device_batch_size * cfg.grad_accum_steps
+    return train_ids[: max(1, min(len(train_ids), read))]
+
+
+def _check_capacity_rows(cfg: TrainConfig, train_ids: torch.Tensor) -> None:
+    """capacity_cost: kl measures on training rows after the initial fit's: refused before any work when
+    there are none."""
+    if cfg.capacity == "none" or cfg.capacity_cost != "kl":
+        return
+    rows = len(_rows_read(cfg, train_ids)) if cfg.generated_fraction > 0 else len(train_ids)
+    if rows <= cfg.init_samples:
+        raise HyperquantError(f"capacity_cost: kl measures on the training rows after the first init_samples="
+                              f"{cfg.init_samples}, and this run trains on {rows}: lower init_samples or raise "
+                              f"the budget")
+
+
 def _with_teacher_samples(cfg: TrainConfig, source, model: nn.Module, tokenizer, train_ids: torch.Tensor):
     """The training rows with ``generated_fraction`` of them sampled from the (still dense) model: cached
     by model and settings, so a resumed or repeated run trains on the same rows."""
     from hyperquant.models import model_identity
     from hyperquant.train.generated import mix_rows, teacher_sequences
 
-    # Only the rows the run reads are mixed (the steps draw a seeded permutation of all rows, so a mixture
-    # of the whole text set would put a diluted share in front of the model): the training set becomes as
-    # many rows as the steps read, that share of them generated.
-    # (A time budget does not know its steps yet: there, all rows.)
-    if cfg.max_minutes is None:
-        read = cfg.max_steps * cfg.per_device_batch_size * cfg.grad_accum_steps
-        train_ids = train_ids[: max(1, min(len(train_ids), read))]
+    train_ids = _rows_read(cfg, train_ids)
     count = round(cfg.generated_fraction * len(train_ids))
     if count == 0:
         return train_ids, None
@@ -798,6 +833,8 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     if held and cfg.export and len(train_ids) > held + cfg.init_samples:
         # the last rows are never trained on: the export measures each layer's error on them
         train_ids, heldout_ids = train_ids[:-held], train_ids[-held:]
+    if state is None:
+        _check_capacity_rows(cfg, train_ids)
     if cfg.generated_fraction > 0:
         train_ids, generation = _with_teacher_samples(cfg, source, model, text_tokenizer, train_ids)
         if generation is not None and main:
@@ -815,13 +852,13 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     replans = [] if cfg.max_minutes is None or start_step > 0 else [None, *REPLAN_AT]
     if state is not None and cfg.max_minutes is not None and state.get("schedule"):
         cfg = cfg.replace(**state["schedule"])
-    layer_bases, capacity = _assign_bases(cfg, model, train_ids, state, main, output_dir)
+    layer_bases, capacity = _assign_bases(cfg, model, train_ids, state, main, output_dir, accelerator.autocast)
     teacher = _frozen_teacher(cfg, source, accelerator.device)
 
     prepare_model(model, cfg, layer_bases,
                   None if state is not None else with_image_batches(train_ids[: cfg.init_samples], image_samples, 4))
     if state is None and cfg.blockwise_steps > 0:
-        _blockwise_first_stage(cfg, model, train_ids, heldout_ids, output_dir, main)
+        _blockwise_first_stage(cfg, model, train_ids, heldout_ids, output_dir, accelerator)
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model, keep_teacher=keeps_teacher(cfg))

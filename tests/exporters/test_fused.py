@@ -49,6 +49,9 @@ CASES = {
     # K=96 with groups of 64: the last block is padded, the shared table is sliced
     "padded-shared-table": ({"hidden": 96, "heads": 2, "kv": 1}, CompressConfig(bits=4, n=2, group_size=64,
                                                                                calib_seq_len=16)),
+    # what a training with measured capacity exports: FFN layers given n^2 bases are dense quantized
+    "phm4-n2-some-ffn-dense": ({}, CompressConfig(bits=4, n=2, group_size=16, calib_seq_len=16, layers={
+        r"layers\.0\.mlp\.(up|down)_proj$": {"kind": "dense-quant", "bits": 4, "group_size": 16}})),
     "own-table-8bit-attn": ({}, CompressConfig(bits=8, n=2, group_size=16, embed_bits=4, calib_seq_len=16)),
     "table-8bit": ({}, CompressConfig(bits=4, n=1, method="rtn", group_size=16, embed_bits=8)),
     "qwen2-qkv-bias-sym": ({"model_type": "qwen2"}, CompressConfig(bits=4, n=1, group_size=16, symmetric=True,
@@ -90,6 +93,8 @@ def test_fused_graph_matches_torch(name, tmp_path):
         assert ops["Slice"] == 1
     if name == "phm4-n2":
         assert ops["PHMMatMulNBits"] == 3 * layers
+    if name == "phm4-n2-some-ffn-dense":
+        assert ops["PHMMatMulNBits"] == 3 * layers - 2
     if name == "own-table-8bit-attn":
         assert ops["GatherBlockQuantized"] == 1 and "Reshape" not in ops
 

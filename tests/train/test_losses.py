@@ -24,6 +24,46 @@ def test_kd_matches_temperature_scaled_kl():
     torch.testing.assert_close(kd_loss(s, t, temp), kl * temp**2)
 
 
+def _kd_reference(s, t, temp, mask=None):
+    """The loss as plain float64 autograd code."""
+    log_ps = F.log_softmax(s.double() / temp, -1)
+    log_pt = F.log_softmax(t.double() / temp, -1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    keep = torch.ones_like(kl) if mask is None else (mask != 0).double()
+    return (kl * keep).sum() / keep.sum() * temp**2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_kd_value_and_gradient_match_float64(dtype, chunk, temp, masked):
+    """The chunked loss and the gradient it keeps from its forward against float64 autograd, for chunks
+    that do not divide the 3 x 7 rows, bf16 logits (the gradient comes back in bf16, as autograd's would)
+    and padding."""
+    s = (torch.randn(3, 7, 300) * 4).to(dtype).requires_grad_(True)
+    t = (torch.randn(3, 7, 300) * 4).to(dtype)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] + [1] * 6]) if masked else None
+    loss = kd_loss(s, t, temp, mask, chunk=chunk)
+    (2.5 * loss).backward()
+    ref_s = s.detach().double().requires_grad_(True)
+    ref = _kd_reference(ref_s, t, temp, mask)
+    (2.5 * ref).backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == dtype  # fp32 arithmetic for bf16 logits too
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2 * float(ref_s.grad.abs().max())  # bf16 holds 8 bits
+    torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=tol)
+    if masked:  # padded positions get no gradient at all
+        assert torch.all(s.grad[1, 4:] == 0) and torch.all(s.grad[2, 0] == 0)
+
+
+def test_chunked_kd_is_a_differentiable_function_of_its_input():
+    """Against torch's own numerical gradient (float64), through a function of the logits."""
+    t = torch.randn(2, 3, 13, dtype=torch.float64)
+    x = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: kd_loss(v.tanh() * 3, t, 2.0, chunk=4), (x,))
+
+
 def test_label_smoothed_cross_entropy():
     logits, ids = torch.randn(2, 5, 9), torch.randint(0, 9, (2, 5))
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 9), ids[:, 1:].reshape(-1), label_smoothing=0.1)

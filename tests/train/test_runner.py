@@ -42,6 +42,21 @@ def test_config_is_validated(tmp_path):
         with pytest.raises(ConfigError, match="leaves no loss after Stage B"):
             TrainConfig(ce_weight=0.0, teacher=teacher)
     assert TrainConfig(ce_weight=0.0, teacher="separate").ce_weight == 0.0
+    with pytest.raises(ConfigError, match="capacity_cost='hessian' must be one of"):
+        TrainConfig(capacity_cost="hessian")
+    with pytest.raises(ConfigError, match=r"capacity_min_bases=4 must be in \[1, capacity_max_bases=3\]"):
+        TrainConfig(capacity="knapsack", capacity_min_bases=4)
+    with pytest.raises(ConfigError, match="mixed_precision='fp8' must be one of"):
+        TrainConfig(mixed_precision="fp8")
+    assert TrainConfig(mixed_precision="auto", capacity_cost="kl", capacity_min_bases=2).capacity_bounds == (2, 3)
+    named = {"capacity_min_bases": "num_bases", "capacity_max_bases": "n^2"}  # the compress recipe's bounds
+    assert TrainConfig(**named).capacity_bounds == (2, 4)
+    assert TrainConfig(**named, compress={"n": 4, "num_bases": 3}).capacity_bounds == (3, 16)
+    assert TrainConfig(**named, compress={"num_bases": 1}).capacity_bounds == (1, 4)
+    with pytest.raises(ConfigError, match="capacity_max_bases='n2' must be a number of bases, 'num_bases' or 'n"):
+        TrainConfig(capacity_max_bases="n2")
+    with pytest.raises(ConfigError, match=r"capacity_max_bases=5 must be in \[1, n\^2=4\]"):
+        TrainConfig(capacity_max_bases=5)
     (tmp_path / "t.yaml").write_text("max_steps: 7\ncompress: {layer_bases: {'layers\\.0\\.': 3}}\n")
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
     assert cfg.max_steps == 7 and cfg.compress.layer_bases == {r"layers\.0\.": 3}
@@ -139,6 +154,7 @@ def test_train_command_with_yaml_and_capacity(tiny_model_dir, tmp_path):
     (tmp_path / "train.yaml").write_text(
         "\n".join(f"{k}: {json.dumps(v)}" for k, v in {**BASE, "max_steps": 2, "stage_b_step": 2,
                                                        "capacity": "topk", "capacity_topk": 2,
+                                                       "capacity_cost": "fisher",  # the paper's ranking
                                                        "capacity_samples": 2, "eval_every": 1}.items()))
     summary = train_command(str(tiny_model_dir), tmp_path / "train.yaml", output_dir=str(tmp_path / "o"),
                             print_summary=True)
@@ -148,6 +164,32 @@ def test_train_command_with_yaml_and_capacity(tiny_model_dir, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "o" / "eval.jsonl").read_text().splitlines()]
     assert set(evals[0]["ppl"]) == {"0", "0.25", "0.5", "0.75", "1"}  # step 0: all alphas
     assert set(evals[-1]["ppl"]) == {"1"}  # after Stage B only the PHM model remains
+
+
+def test_training_with_measured_capacity_exports_the_assigned_bases(tiny_model_dir, tmp_path):
+    """capacity_cost: kl measures on the rows after the initial fit's, and the exported checkpoint holds
+    the B each layer was assigned (the layer with n^2 bases too)."""
+    cfg = TrainConfig(**{**BASE, "max_steps": 2, "stage_b_step": 2, "export": True, "capacity": "knapsack",
+                         "capacity_cost": "kl", "capacity_budget": 2 + 2 / 6, "capacity_max_bases": 4,
+                         "capacity_min_bases": 2, "capacity_samples": 2,
+                         "compress": {"bits": 4, "group_size": 16, "heldout_samples": 2}},
+                      output_dir=str(tmp_path / "run"))
+    summary = train(str(tiny_model_dir), cfg)
+    plan = json.loads((tmp_path / "run" / "capacity.json").read_text())
+    assert plan["cost"] == "kl" and summary["capacity"]["cost"] == "kl"
+    bases = {r["name"]: r["bases"] for r in plan["layers"]}
+    assert sorted(bases.values()) == [2, 2, 2, 2, 2, 4]
+    assert all(set(r["costs"]) == {"2", "3", "4"} for r in plan["layers"])  # from min_bases (JSON keys)
+    model = hyperquant.load(tmp_path / "run" / "final")
+    kinds = model.config.hyperquant["plan"]
+    for name, b in bases.items():  # n^2 bases: a dense quantized layer
+        if b == 4:
+            assert kinds[name]["kind"] == "dense-quant" and model.get_submodule(name).bits == 4
+        else:
+            assert kinds[name]["kind"] == "phm-quant" and model.get_submodule(name).num_bases == b
+    with pytest.raises(HyperquantError, match="lower init_samples or raise the budget"):
+        train(str(tiny_model_dir), cfg.replace(init_samples=16, output_dir=str(tmp_path / "other")))
+    assert not (tmp_path / "other").exists()
 
 
 def _free_port() -> int:
