@@ -19,8 +19,8 @@ from hyperquant.config import CompressConfig, ConfigError
 from hyperquant.train.config import TrainConfig
 
 DEFAULT_STEPS = TrainConfig.max_steps  # the step count the recipe's schedule is stated for
-# 200 optimizer steps of 4 x 256 tokens (204,800): 8-15 s a step on 2 CPU cores for the default model, so
-# 30-50 minutes of steps
+# 200 optimizer steps of 4 x 256 tokens (204,800): for the default model on 2 CPU cores 8-15 s a step in
+# fp32 (30-50 minutes of steps), 3-5 s in bf16 on a CPU with AMX (13 minutes)
 DEFAULT_TOKENS = DEFAULT_STEPS * TrainConfig.per_device_batch_size * TrainConfig.grad_accum_steps * TrainConfig.seq_len
 QAT_START_FRACTION = 0.6
 # Text-only training relearns the calibration text's domain. Half the rows sampled from the dense model
@@ -32,11 +32,12 @@ QAT_START_FRACTION = 0.6
 # docs/bench_distill. Not applied to vision-language models, where it was not measured (their training
 # rows are text plus image-caption pairs).
 # Capacity: the paper's budget (a mean of num_bases + 1/3 bases per FFN linear) spent where a measured KL
-# says the PHM fit costs most (capacity_cost "kl": the first and last blocks' FFN; the Fisher trace ranks
-# layers otherwise and gives 60 of 90 layers one basis), never fewer bases than num_bases: 73.1 / 76.0 at
-# 25,600 tokens (float factors) against 185.0 / 194.7 with B = 2 everywhere, for 6 % more bytes.
-# bf16 where the processor multiplies it natively (mixed_precision "auto"): the same figures at about
-# half the time on an AMX CPU (197.2 / 253.5 against 198.1 / 252.6 in fp32 at 25,600 tokens).
+# says the PHM fit costs most (capacity_cost "kl": the first blocks' FFN and the last's; the Fisher trace
+# ranks layers otherwise), never fewer bases than num_bases: at 204,800 tokens 49.8 / 64.9 against 88.8 /
+# 137.3 with B = 2 everywhere, for 6.5 % more bytes (docs/bench_distill/tokens-204800; at 25,600 tokens the
+# same-size and the B = 2 rows beside it are in docs/bench_distill/tokens-25600).
+# bf16 where the processor multiplies it natively (mixed_precision "auto"): the same figures 1.7x faster on
+# an AMX CPU (docs/bench_distill/precision-25600).
 COMPRESS_RECIPE = {"generated_fraction": 0.5, "blockwise_steps": 72, "blockwise_samples": 96,
                    "ce_weight": 0.0, "kd_temperature": 1.0, "mixed_precision": "auto",
                    "capacity": "knapsack", "capacity_cost": "kl", "capacity_min_bases": "num_bases",
