@@ -17,13 +17,21 @@ Python language reference). Recipes:
   token's error, B = num_bases everywhere (the compress recipe of 2026-12-04);
 - same-size-capacity: that, with the bases moved where the measured KL says (capacity_cost kl) within the same
   parameter count (capacity_budget 2 = num_bases, B from 1 to n^2);
-- default: the compress recipe as it is (`hyperquant compress --bits 4` at this budget; since 2026-12-07 the
-  paper's capacity budget, num_bases + 1/3 bases per layer, assigned by measured KL);
+- kl-capacity: kd1-token with the paper's capacity budget, num_bases + 1/3 bases per layer, assigned by
+  measured KL (the compress recipe of the morning of 2026-12-07);
+- no-fade: kl-capacity with the end-to-end steps on the PHM-only model from the first step (fade_steps 0:
+  the block-wise stage has already fitted every block at alpha = 1);
+- longer-blockwise: kl-capacity with 200 block-wise steps per block on 256 rows (instead of 72 on 96);
+- higher-lr: kl-capacity at lr 1e-3 (instead of 5e-4);
+- budget-2.67: kl-capacity with num_bases + 2/3 bases per layer (instead of 1/3);
+- default: the compress recipe as it is (`hyperquant compress --bits 4` at this budget; since the afternoon of
+  2026-12-07 no fade, the longer block-wise stage and a budget of num_bases + 1 bases per layer);
 - --recipe NAME=JSON: any other recipe, beside them.
 
 The first four keep the objective they were measured with before the compress recipe changed,
 cross-entropy plus KD at T=4 (ce_weight 1, kd_temperature 4), the block-wise stage on the batch's whole
-relative error (blockwise_error whole) and no capacity assignment, so their rows stay comparable. Every row
+relative error (blockwise_error whole), the stage-A fade over 30 % of the steps and no capacity assignment,
+so their rows stay comparable; each later row spells out what the recipe changed after it. Every row
 trains in the compress recipe's precision (mixed_precision auto: bf16 on a CPU with AMX or AVX512-BF16).
 
 --recipes runs a subset (one long run per session on a slow machine); runs already in --out are reused
@@ -44,15 +52,25 @@ import time
 from pathlib import Path
 
 # explicit against the compress recipe (which now has a block-wise stage, half generated rows, KD alone at
-# T = 1 and measured capacity): the data recipes are compared under the objective they were first measured with
-CE_AND_KD4 = {"ce_weight": 1.0, "kd_temperature": 4.0, "capacity": "none"}
+# T = 1, measured capacity and no fade): the data recipes are compared under the objective and the stage-A
+# fade (30 % of the steps) they were first measured with
+CE_AND_KD4 = {"ce_weight": 1.0, "kd_temperature": 4.0, "capacity": "none", "fade_steps": 60}
 RECIPES = {"text": {"generated_fraction": 0.0, "blockwise_steps": 0, **CE_AND_KD4},
            "generated": {"generated_fraction": 1.0, "blockwise_steps": 0, **CE_AND_KD4},
            "mixture": {"generated_fraction": 0.5, "blockwise_steps": 0, **CE_AND_KD4}}
-# after blockwise+best: the later steps of the compress recipe, each against the compress recipe as it is
-LATER = {"kd1-token": {"capacity": "none"},
+# after blockwise+best: the later steps of the compress recipe, in the order they were added. Each row spells
+# out what the recipe changed after it (the stage-A fade of 30 % of the steps, 72 block-wise steps per block
+# on 96 rows, the capacity budget num_bases + 1/3), so a stored run keeps meaning what it measured.
+BEFORE_2026_12_07_PM = {"fade_steps": 60, "blockwise_steps": 72, "blockwise_samples": 96, "capacity_budget": None}
+LATER = {"kd1-token": {"capacity": "none", **BEFORE_2026_12_07_PM},
          # the bench runs `compress --bits 4` with its default B = 2: a mean of 2 bases is the same size
-         "same-size-capacity": {"capacity_budget": 2.0, "capacity_min_bases": 1},
+         "same-size-capacity": {"capacity_budget": 2.0, "capacity_min_bases": 1,
+                                **{k: v for k, v in BEFORE_2026_12_07_PM.items() if k != "capacity_budget"}},
+         "kl-capacity": BEFORE_2026_12_07_PM,
+         "no-fade": {**BEFORE_2026_12_07_PM, "fade_steps": 0},
+         "longer-blockwise": {**BEFORE_2026_12_07_PM, "blockwise_steps": 200, "blockwise_samples": 256},
+         "higher-lr": {**BEFORE_2026_12_07_PM, "lr": 0.001},
+         "budget-2.67": {**BEFORE_2026_12_07_PM, "capacity_budget": "num_bases+0.6667"},
          "default": {}}
 
 

@@ -4,7 +4,8 @@ output on cached inputs from the already trained (compressed) blocks before it.
 
 Block i sees the hidden states that blocks 0..i-1 give at alpha = 1 (their PHM branch, as trained just
 before), its target is the dense block on those same inputs, and its loss a relative squared error, each
-block's error measured by the same on held-out rows before and after its training:
+block's error measured by the same on held-out rows before and after its training. A block whose training
+did not lower the error on its fit rows keeps its initial factors. The errors:
 
 - "token": the mean over tokens of ||phm_t - dense_t||^2 / ||dense_t||^2. The next block reads each token
   through an RMSNorm, i.e. scaled to unit RMS, so this is the error it sees.
@@ -63,8 +64,9 @@ def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.
                     batch_size: int = 4, progress=None, error: str = "token",
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[dict]:
     """Train each block's interpolated layers (their PHM factors, at alpha = 1) for ``steps`` Adam steps
-    on ``fit_ids``, block by block, on the relative error ``error`` ("token" or "whole"); returns one record
-    per block with its held-out error before and after. Every layer's alpha is 0 again afterwards (the
+    on ``fit_ids``, block by block, on the relative error ``error`` ("token" or "whole"), keeping the trained
+    factors when they lower the error on ``fit_ids`` (else the initial ones); returns one record per block
+    with its held-out error before, after training, and as kept. Every layer's alpha is 0 again afterwards (the
     end-to-end schedule sets it). ``autocast``: the context the forwards run in (the training's mixed
     precision); the errors and the loss are computed in fp32."""
     if error not in BLOCKWISE_ERRORS:
@@ -125,7 +127,9 @@ def _train_blocks(blocks: nn.ModuleList, by_block: dict[int, list[InterpolatedLi
                 held_targets = [_hidden(block(*a, **k)).float() for a, k in held]
             _set_alpha(trained, 1.0)
             before = _relative_error(block, held, held_targets, error)
+            fit_before = _relative_error(block, fit, fit_targets, error)
             params = [p for layer in trained for p in layer.phm.parameters() if p.requires_grad]
+            initial = [p.detach().clone() for p in params]
             optimizer = torch.optim.Adam(params, lr=lr)
             losses = []
             for step in range(steps):
@@ -138,11 +142,22 @@ def _train_blocks(blocks: nn.ModuleList, by_block: dict[int, list[InterpolatedLi
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-            after = _relative_error(block, held, held_targets, error)
-            log.info("block-wise stage: block %d/%d, held-out error %.4f -> %.4f (%.1f s)", idx + 1,
-                     max(by_block) + 1, before, after, time.perf_counter() - start)
+            trained_error = _relative_error(block, held, held_targets, error)
+            # Adam moves by about lr a step even where the fit is already near exact (block 0 with n^2 bases:
+            # 1.5e-5 -> 3.3e-4), so the block keeps its initial factors when training did not lower the
+            # error on its fit rows (the decision never reads the held-out rows it reports)
+            keep_initial = _relative_error(block, fit, fit_targets, error) > fit_before
+            if keep_initial:
+                with torch.no_grad():
+                    for p, p0 in zip(params, initial):
+                        p.copy_(p0)
+            after = before if keep_initial else trained_error
+            log.info("block-wise stage: block %d/%d, held-out error %.4f -> %.4f%s (%.1f s)", idx + 1,
+                     max(by_block) + 1, before, trained_error, ", initial kept" if keep_initial else "",
+                     time.perf_counter() - start)
             records.append({"block": idx, "layers": len(trained), "steps": steps,
-                            "heldout_error_before": before, "heldout_error_after": after,
+                            "heldout_error_before": before, "heldout_error_trained": trained_error,
+                            "kept": "initial" if keep_initial else "trained", "heldout_error_after": after,
                             "fit_loss_first": losses[0] if losses else None,
                             "fit_loss_last": losses[-1] if losses else None,
                             "time_s": time.perf_counter() - start})

@@ -21,6 +21,7 @@ EXPORT_METHODS = ("gptq", "rtn")
 CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
 CAPACITY_COSTS = ("fisher", "kl")  # hyperquant.train.capacity
 CAPACITY_BOUNDS = ("num_bases", "n^2")  # capacity_min_bases / capacity_max_bases relative to the layers' shape
+BUDGET_ABOVE_NUM_BASES = r"num_bases\s*\+\s*(\d+(?:\.\d+)?)"  # capacity_budget relative to compress.num_bases
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 BLOCKWISE_ERRORS = ("token", "whole")  # hyperquant.train.blockwise.error_terms
 
@@ -122,7 +123,9 @@ class TrainConfig:
     # the cost of B bases: "fisher" (Fisher trace x weight error) or "kl" (measured: the KL of the model with
     # that layer alone replaced by its B-basis fit, on capacity_samples rows the fit did not see)
     capacity_cost: str = "fisher"
-    capacity_budget: float | None = None  # mean number of bases per FFN linear; None = num_bases + 1/3
+    # mean number of bases per FFN linear: a number, or "num_bases+K" (K more than compress.num_bases);
+    # None = num_bases + 1/3 (the paper's budget)
+    capacity_budget: float | str | None = None
     capacity_topk: int | None = None  # the paper's rule: these many most sensitive layers get B = num_bases + 1
     capacity_samples: int = 8
     # the most and (knapsack and greedy) the fewest bases a layer gets: a number, or "num_bases" or "n^2"
@@ -203,8 +206,12 @@ class TrainConfig:
             need(c.bits is not None, "QAT needs compress.bits (2, 3, 4 or 8)")
             need(0 <= self.qat_start_step <= self.max_steps, "qat_start_step must be in [0, max_steps]")
         need(not self.qat_learn_scales or self.qat_start_step is not None, "qat_learn_scales needs qat_start_step")
-        if self.capacity_budget is not None:
-            need(1 <= self.capacity_budget <= c.n * c.n, "capacity_budget (mean bases per layer) must be in [1, n^2]")
+        budget = self.capacity_budget
+        need(budget is None or (isinstance(budget, (int, float)) and not isinstance(budget, bool))
+             or (isinstance(budget, str) and re.fullmatch(BUDGET_ABOVE_NUM_BASES, budget) is not None),
+             f"capacity_budget={budget!r} must be a mean number of bases per layer or 'num_bases+K' (e.g. num_bases+1)")
+        need(1 <= self.capacity_mean_bases <= c.n * c.n,
+             f"capacity_budget={budget!r} is {self.capacity_mean_bases:g} bases per layer; it must be in [1, n^2]")
         for name in ("capacity_max_bases", "capacity_min_bases"):
             value = getattr(self, name)
             need(value is None or value in CAPACITY_BOUNDS or (isinstance(value, int) and not isinstance(value, bool)),
@@ -236,6 +243,16 @@ class TrainConfig:
 
         return (resolve(self.capacity_min_bases, 1),
                 resolve(self.capacity_max_bases, min(c.num_bases + 1, c.n * c.n)))
+
+    @property
+    def capacity_mean_bases(self) -> float:
+        """capacity_budget as a mean number of bases per layer (None: num_bases + 1/3, the paper's)."""
+        budget, num_bases = self.capacity_budget, self.compress.num_bases
+        if budget is None:
+            return num_bases + 1 / 3
+        if isinstance(budget, str):
+            return num_bases + float(re.fullmatch(BUDGET_ABOVE_NUM_BASES, budget).group(1))
+        return float(budget)
 
     @property
     def stage_b(self) -> int:

@@ -24,24 +24,28 @@ DEFAULT_STEPS = TrainConfig.max_steps  # the step count the recipe's schedule is
 DEFAULT_TOKENS = DEFAULT_STEPS * TrainConfig.per_device_batch_size * TrainConfig.grad_accum_steps * TrainConfig.seq_len
 QAT_START_FRACTION = 0.6
 # Text-only training relearns the calibration text's domain. Half the rows sampled from the dense model
-# (LLM-QAT's data-free distillation) and a block-wise first stage (72 Adam steps per block on 96 rows)
+# (LLM-QAT's data-free distillation) and a block-wise first stage (then 72 Adam steps per block on 96 rows)
 # scored best on the second domain at 25,600 tokens: Python docs 311 against 1,169 for text alone, with
 # Wikipedia better too (215 against 235). LLM-QAT's objective on top, the teacher's distribution at T = 1
 # and no cross-entropy on the rows' own tokens (which pulls towards the text's domain), scored 278 / 208
 # there, and the block-wise stage on each token's error (TrainConfig's blockwise_error default) 256 / 197;
 # docs/bench_distill. Not applied to vision-language models, where it was not measured (their training
 # rows are text plus image-caption pairs).
-# Capacity: the paper's budget (a mean of num_bases + 1/3 bases per FFN linear) spent where a measured KL
-# says the PHM fit costs most (capacity_cost "kl": the first blocks' FFN and the last's; the Fisher trace
-# ranks layers otherwise), never fewer bases than num_bases: at 204,800 tokens 49.8 / 64.9 against 88.8 /
-# 137.3 with B = 2 everywhere, for 6.5 % more bytes (docs/bench_distill/tokens-204800; at 25,600 tokens the
-# same-size and the B = 2 rows beside it are in docs/bench_distill/tokens-25600).
+# Capacity: a mean of num_bases + 1 bases per FFN linear (the paper's budget, num_bases + 1/3, left the docs
+# at 4.4x the original's perplexity at 204,800 tokens), spent where a measured KL says the PHM fit costs most
+# (capacity_cost "kl": the first ten blocks' FFN and the last ones'; the Fisher trace ranks layers otherwise),
+# never fewer bases than num_bases; 40 of the default model's 90 FFN linears then get n^2 bases and export
+# as dense GPTQ layers. The block-wise stage at 200 steps per block on 256 rows, and no fade (the block-wise
+# stage has already fitted every block at alpha = 1): at 25,600 tokens each of these three, against the
+# recipe of the morning of 2026-12-07, scored 74 (budget num_bases + 2/3), 79 and 87 on the docs against 98; together, at
+# 204,800 tokens, 27.7 / 36.2 (Wikipedia / docs, 2.4x the original there) against 49.8 / 64.9, for 64.9 MB
+# against 57.6 (docs/bench_distill/tokens-204800 and tokens-25600).
 # bf16 where the processor multiplies it natively (mixed_precision "auto"): the same figures 1.7x faster on
 # an AMX CPU (docs/bench_distill/precision-25600).
-COMPRESS_RECIPE = {"generated_fraction": 0.5, "blockwise_steps": 72, "blockwise_samples": 96,
+COMPRESS_RECIPE = {"generated_fraction": 0.5, "blockwise_steps": 200, "blockwise_samples": 256,
                    "ce_weight": 0.0, "kd_temperature": 1.0, "mixed_precision": "auto",
-                   "capacity": "knapsack", "capacity_cost": "kl", "capacity_min_bases": "num_bases",
-                   "capacity_max_bases": "n^2"}
+                   "capacity": "knapsack", "capacity_cost": "kl", "capacity_budget": "num_bases+1",
+                   "capacity_min_bases": "num_bases", "capacity_max_bases": "n^2", "fade_steps": 0}
 
 
 def tokens_per_step(tcfg: TrainConfig) -> int:

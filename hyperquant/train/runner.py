@@ -485,7 +485,7 @@ def _assign_bases(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, s
     else:
         fit_ids, measured = None, train_ids[: cfg.capacity_samples]
     min_bases, max_bases = cfg.capacity_bounds
-    plan = assign_capacity(model, measured, c.n, c.num_bases, cfg.capacity, cfg.capacity_budget, cfg.capacity_topk,
+    plan = assign_capacity(model, measured, c.n, c.num_bases, cfg.capacity, cfg.capacity_mean_bases, cfg.capacity_topk,
                            max_bases, c.bits, c.group_size, c.symmetric, c.target_patterns,
                            cost=cfg.capacity_cost, min_bases=min_bases, fit_ids=fit_ids,
                            ridge=c.ridge, autocast=autocast)

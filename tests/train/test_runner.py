@@ -57,6 +57,16 @@ def test_config_is_validated(tmp_path):
         TrainConfig(capacity_max_bases="n2")
     with pytest.raises(ConfigError, match=r"capacity_max_bases=5 must be in \[1, n\^2=4\]"):
         TrainConfig(capacity_max_bases=5)
+    # capacity_budget: a mean number of bases, or relative to num_bases (the compress recipe's num_bases+1)
+    assert TrainConfig().capacity_mean_bases == 2 + 1 / 3
+    assert TrainConfig(capacity_budget=2.5).capacity_mean_bases == 2.5
+    assert TrainConfig(capacity_budget="num_bases+1").capacity_mean_bases == 3.0
+    assert TrainConfig(capacity_budget="num_bases + 0.5", compress={"n": 4, "num_bases": 3}).capacity_mean_bases == 3.5
+    with pytest.raises(ConfigError, match="capacity_budget='num_bases\\+3' is 5 bases per layer; it must be in"):
+        TrainConfig(capacity_budget="num_bases+3")
+    for bad in ("num_bases*2", "3", True):
+        with pytest.raises(ConfigError, match="must be a mean number of bases per layer or 'num_bases\\+K'"):
+            TrainConfig(capacity_budget=bad)
     (tmp_path / "t.yaml").write_text("max_steps: 7\ncompress: {layer_bases: {'layers\\.0\\.': 3}}\n")
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml")
     assert cfg.max_steps == 7 and cfg.compress.layer_bases == {r"layers\.0\.": 3}
@@ -170,7 +180,7 @@ def test_training_with_measured_capacity_exports_the_assigned_bases(tiny_model_d
     """capacity_cost: kl measures on the rows after the initial fit's, and the exported checkpoint holds
     the B each layer was assigned (the layer with n^2 bases too)."""
     cfg = TrainConfig(**{**BASE, "max_steps": 2, "stage_b_step": 2, "export": True, "capacity": "knapsack",
-                         "capacity_cost": "kl", "capacity_budget": 2 + 2 / 6, "capacity_max_bases": 4,
+                         "capacity_cost": "kl", "capacity_budget": "num_bases+0.3334", "capacity_max_bases": 4,
                          "capacity_min_bases": 2, "capacity_samples": 2,
                          "compress": {"bits": 4, "group_size": 16, "heldout_samples": 2}},
                       output_dir=str(tmp_path / "run"))
@@ -211,12 +221,13 @@ def _launch_two(model_dir, config_path, options: dict) -> None:
 
 
 def _library_defaults() -> dict:
-    """The options the CLI's recipe (COMPRESS_RECIPE: teacher samples, a block-wise stage, KD alone) sets,
-    at TrainConfig's own values: a launched run then trains as `train(TrainConfig(...))` does."""
+    """The options the CLI's recipe (COMPRESS_RECIPE: teacher samples, a block-wise stage, KD alone) sets
+    and BASE does not (BASE's schedule, e.g. its fade_steps, stays), at TrainConfig's own values: a launched
+    run then trains as `train(TrainConfig(...))` does."""
     from hyperquant.train.recipe import COMPRESS_RECIPE
 
     fields = TrainConfig.__dataclass_fields__
-    return {k: fields[k].default for k in COMPRESS_RECIPE}
+    return {k: fields[k].default for k in COMPRESS_RECIPE if k not in BASE}
 
 
 def test_two_processes_match_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path):
