@@ -37,9 +37,9 @@ QAT_START_FRACTION = 0.6
 # never fewer bases than num_bases; 40 of the default model's 90 FFN linears then get n^2 bases and export
 # as dense GPTQ layers. The block-wise stage at 200 steps per block on 256 rows, and no fade (the block-wise
 # stage has already fitted every block at alpha = 1): at 25,600 tokens each of these three, against the
-# recipe of the morning of 2026-12-07, scored 74 (budget num_bases + 2/3), 79 and 87 on the docs against 98; together, at
-# 204,800 tokens, 27.7 / 36.2 (Wikipedia / docs, 2.4x the original there) against 49.8 / 64.9, for 64.9 MB
-# against 57.6 (docs/bench_distill/tokens-204800 and tokens-25600).
+# recipe of the morning of 2026-12-07, scored 74 (budget num_bases + 2/3), 79 and 87 on the docs against
+# 98; together, at 204,800 tokens, 27.7 / 36.2 (Wikipedia / docs, 2.4x the original there) against
+# 49.8 / 64.9, for 64.9 MB against 57.6 (docs/bench_distill/tokens-204800 and tokens-25600).
 # bf16 where the processor multiplies it natively (mixed_precision "auto"): the same figures 1.7x faster on
 # an AMX CPU (docs/bench_distill/precision-25600).
 COMPRESS_RECIPE = {"generated_fraction": 0.5, "blockwise_steps": 200, "blockwise_samples": 256,
