@@ -36,7 +36,7 @@ from hyperquant.errors import HyperquantError
 from hyperquant.phm.bases import fixed_bases
 from hyperquant.phm.functional import kron_weight
 from hyperquant.phm.projection import project_fixed
-from hyperquant.train.config import CAPACITY_COSTS
+from hyperquant.train.config import CAPACITY_COSTS, PAPER_EXTRA_BASES
 from hyperquant.train.losses import causal_lm_loss, kd_loss
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def assign_capacity(model: nn.Module, ids: torch.Tensor, n: int = 2, num_bases: 
         raise HyperquantError("the kl capacity cost needs fit_ids, calibration rows other than the measured ones")
     max_bases = min(max_bases or num_bases + 1, n * n)
     min_bases = 1 if min_bases is None else min_bases
-    budget = num_bases + 1 / 3 if budget is None else budget
+    budget = num_bases + PAPER_EXTRA_BASES if budget is None else budget
     fisher = fisher_traces(model, ids, patterns) if cost == "fisher" else None
     # the costs the allocation can read: B from min_bases (the base B too: topk ranks by it) to max_bases
     kl = measured_kl(model, fit_ids, ids, n, max_bases, patterns, ridge, autocast=autocast,

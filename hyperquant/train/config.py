@@ -22,6 +22,7 @@ CAPACITY_METHODS = ("none", "topk", "greedy", "knapsack")
 CAPACITY_COSTS = ("fisher", "kl")  # hyperquant.train.capacity
 CAPACITY_BOUNDS = ("num_bases", "n^2")  # capacity_min_bases / capacity_max_bases relative to the layers' shape
 BUDGET_ABOVE_NUM_BASES = r"num_bases\s*\+\s*(\d+(?:\.\d+)?)"  # capacity_budget relative to compress.num_bases
+PAPER_EXTRA_BASES = 1 / 3  # the paper's capacity budget: num_bases + 1/3 bases per layer on average
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 BLOCKWISE_ERRORS = ("token", "whole")  # hyperquant.train.blockwise.error_terms
 
@@ -249,7 +250,7 @@ class TrainConfig:
         """capacity_budget as a mean number of bases per layer (None: num_bases + 1/3, the paper's)."""
         budget, num_bases = self.capacity_budget, self.compress.num_bases
         if budget is None:
-            return num_bases + 1 / 3
+            return num_bases + PAPER_EXTRA_BASES
         if isinstance(budget, str):
             return num_bases + float(re.fullmatch(BUDGET_ABOVE_NUM_BASES, budget).group(1))
         return float(budget)
