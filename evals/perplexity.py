@@ -3,7 +3,8 @@
 Protocol: the stream is cut into windows of ``context`` tokens starting every ``stride`` tokens. Each
 window scores the tokens that no earlier window scored; a window's first token has no context and is
 never scored, so with stride == context (non-overlapping windows) each window scores context - 1
-tokens. Perplexity = exp(mean negative log-likelihood over the scored tokens).
+tokens. Perplexity = exp(mean negative log-likelihood over the scored tokens). Its standard error is taken over
+windows (`window_stderr`), as lm-evaluation-harness reports one beside every figure.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def scored_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.
     return float(nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")), int(keep.sum())
 
 
+def window_stderr(window_nll: list[float], window_count: list[int]) -> float:
+    """The standard error of the mean token NLL, with the windows as the independent units (tokens inside a
+    window share their context, so they are not): the ratio estimator's variance over windows, as a
+    clustered standard error. 0 for a single window, where nothing estimates it."""
+    k, total = len(window_nll), sum(window_count)
+    if k < 2:
+        return 0.0
+    mean = sum(window_nll) / total
+    spread = sum((s - c * mean) ** 2 for s, c in zip(window_nll, window_count))
+    return math.sqrt(spread * k / (k - 1)) / total
+
+
 def perplexity_from_nll(nll_sum: float, count: int, what: str = "the evaluation text") -> dict:
     """{'perplexity', 'nll', 'predicted_tokens'} from summed negative log-likelihoods; NaN fails."""
     nll = nll_sum / count
@@ -76,7 +89,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityPr
     # the ids go where the model's weights are (eval --device, a model trained on a GPU)
     ids = token_ids[: protocol.num_tokens].reshape(1, -1).to(model_device(model, token_ids.device))
     total = ids.shape[1]
-    nll_sum, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
+    sums, counts, scored_until = [], [], 1  # token 0 is never predicted
     begin = 0
     while scored_until < total:
         end = min(begin + protocol.context, total)
@@ -84,12 +97,17 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityPr
         labels = window.clone()
         labels[0, : max(scored_until - begin, 1)] = IGNORE  # tokens an earlier window scored
         window_nll, window_count = scored_nll(model, {"input_ids": window}, labels)
-        nll_sum += window_nll
-        count += window_count
+        if window_count:
+            sums.append(window_nll)
+            counts.append(window_count)
         scored_until = end
         if progress is not None:
             progress(end / total)
         begin += protocol.stride
         if end == total:
             break
-    return {**perplexity_from_nll(nll_sum, count), **protocol.to_dict()}
+    result = perplexity_from_nll(sum(sums), sum(counts))
+    stderr = window_stderr(sums, counts)
+    # the delta method: d exp(nll) = exp(nll) d nll
+    return {**result, "nll_stderr": stderr, "perplexity_stderr": result["perplexity"] * stderr,
+            "windows": len(sums), **protocol.to_dict()}

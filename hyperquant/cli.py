@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hyperquant.errors import HyperquantError
+from hyperquant.textsets import default_test_tokens
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Compress transformer models (PHM FFNs with low-bit factors, GPTQ everywhere else), evaluate "
@@ -102,7 +103,12 @@ def compress(
                                                      "training, a folder of images with .txt captions or a JSONL file "
                                                      "(default: the photographs shipped with scikit-image)")] = None,
     fourier_fraction: Annotated[float, typer.Option(help="--method fourier: fraction of each layer's parameters the factors keep")] = 0.25,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (0 = skip evaluation)")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="Validation tokens per domain for perplexity (0 = skip evaluation)")] = 4096,
+    test_tokens: Annotated[int | None, typer.Option(help="Test-set tokens per domain (dialogue, drama, code), reported "
+                                                         "with standard errors and never read by any choice (default "
+                                                         "4 x --eval-tokens: 16,384; 0 = skip)")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Score the compressed model's replies to fixed chat "
+                                                                "prompts against the original's (KL, agreement)")] = True,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: hyperquant-out/<setting>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
     train: Annotated[bool, typer.Option("--train/--no-train", help="PHM layers: distil them from the dense model before quantizing (default; post-training alone leaves PHM unusable). --no-train: post-training only")] = True,
@@ -155,6 +161,9 @@ def compress(
                              scope=scope, embed_bits=table_bits, layers=layers, towers=tower_list)
     if eval_tokens < 0:
         _fail("--eval-tokens must be >= 0")
+    test_tokens = default_test_tokens(eval_tokens) if test_tokens is None else test_tokens
+    if test_tokens < 0:
+        _fail("--test-tokens must be >= 0")
     training = train and n > 1 and method != "fourier"
     setting = config_slug(cfg) + ("-qat" if training and qat else "-trained" if training else "")
     out_dir = out_dir or Path("hyperquant-out") / setting
@@ -190,7 +199,8 @@ def compress(
         from hyperquant.data import read_text_file
 
         calib_texts = [read_text_file(calib_text)]
-    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs, where)
+    run_compress(model, cfg, out_dir, overwrite, calib_texts, eval_tokens, tcfg, image_pairs, where,
+                 test_tokens=test_tokens if eval_tokens else 0, chat=chat and bool(eval_tokens))
 
 
 def _check_vision_options(model_arg, towers: list[str], images) -> None:
@@ -229,7 +239,7 @@ def _image_data(source, model, image_pairs, heldout_pairs: int):
 
 
 def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, eval_tokens: int,
-                 train_cfg=None, image_pairs=None, device=None) -> None:
+                 train_cfg=None, image_pairs=None, device=None, test_tokens: int = 0, chat: bool = False) -> None:
     from hyperquant.atomic import check_free_space
     from hyperquant.data import calibration_ids, calibration_split
     from hyperquant.data import eval_tokens as held_out_tokens
@@ -270,10 +280,19 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
                                            texts=calib_texts)
     protocol = PerplexityProtocol(context=context, stride=context, num_tokens=eval_tokens) if eval_tokens else None
     from hyperquant.data import second_domain_tokens
+    from hyperquant.evals.chat import CHAT_PROMPTS
+    from hyperquant.textsets import load_test_set
 
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     evaluation = Evaluation(held_out_tokens(tokenizer, eval_tokens) if protocol else None, protocol,
                             second_ids=second_domain_tokens(tokenizer, eval_tokens) if protocol else None,
+                            test_ids=load_test_set(text_tokenizer, test_tokens) if protocol and test_tokens else None,
                             captions=image_eval if eval_tokens else None)
+    if chat and processor is None:  # the original's replies, before anything changes the model
+        from hyperquant.evals.chat import ChatReference
+
+        log.info("chat check: the original's greedy replies to %d prompts", len(CHAT_PROMPTS))
+        evaluation.chat = ChatReference.from_model(model, tokenizer)
     rows = [measure(model, "original (fp32)", evaluation, device=device)]
     saved_with = processor if processor is not None else tokenizer  # a processor saves its tokenizer too
     if train_cfg is not None:
@@ -314,7 +333,9 @@ def run_compress(model_arg, cfg, out_dir: Path, overwrite: bool, calib_texts, ev
 def eval_cmd(
     folder: Annotated[str, typer.Argument(help="hyperquant checkpoint folder (or a plain HF model folder / .gguf)")],
     text: Annotated[Path | None, typer.Option(help="UTF-8 text file to measure perplexity on (default: held-out Wikipedia)")] = None,
-    eval_tokens: Annotated[int, typer.Option(help="Tokens to score")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="Validation tokens to score per domain")] = 4096,
+    test_tokens: Annotated[int | None, typer.Option(help="Test-set tokens per domain (dialogue, drama, code; default "
+                                                         "4 x --eval-tokens: 16,384; 0 = skip; not with --text)")] = None,
     context: Annotated[int | None, typer.Option(help="Context length of each window (default 512, or the model's positions if fewer)")] = None,
     stride: Annotated[int | None, typer.Option(help="Stride between windows (default = context: non-overlapping)")] = None,
     latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model (on the CPU)")] = True,
@@ -323,8 +344,10 @@ def eval_cmd(
                                                      "folder of images with .txt captions or a JSONL file (default: the "
                                                      "shipped evaluation photographs)")] = None,
 ) -> None:
-    """Perplexity, size, multiply-adds and CPU latency of a model; prints `perplexity: <float>` last. A
-    vision-language model also gets image-conditioned caption perplexity and, for a checkpoint that
+    """Perplexity on the validation domains (held-out Wikipedia, the Python docs) and on the test set
+    (dialogue, drama, code: text no choice has read), each with its standard error over windows, size,
+    multiply-adds and CPU latency of a model; prints `perplexity: <float>` (validation Wikipedia, or
+    --text) last. A vision-language model also gets image-conditioned caption perplexity and, for a checkpoint that
     recorded its original's greedy captions, their agreement."""
     import torch
     from transformers import AutoTokenizer
@@ -344,6 +367,9 @@ def eval_cmd(
               f"non-overlapping windows")
     if eval_tokens < 2:
         _fail(f"--eval-tokens {eval_tokens} must be at least 2 (one token is predicted from the one before)")
+    test_tokens = default_test_tokens(eval_tokens) if test_tokens is None else test_tokens
+    if test_tokens < 0:
+        _fail(f"--test-tokens {test_tokens} must be >= 0 (0 skips the test set)")
     path = Path(folder)
     image_pairs = None
     if images is not None:
@@ -385,11 +411,13 @@ def eval_cmd(
         from hyperquant.data import eval_tokens as held_out_tokens
 
         ids = held_out_tokens(tokenizer, eval_tokens)
-    second = None
-    if text is None:  # the second domain, beside the held-out Wikipedia split
+    second, tests = None, {}
+    if text is None:  # the second validation domain beside the held-out Wikipedia split, and the test set
         from hyperquant.data import second_domain_tokens
+        from hyperquant.textsets import load_test_set
 
         second = second_domain_tokens(tokenizer, eval_tokens)
+        tests = load_test_set(getattr(tokenizer, "tokenizer", tokenizer), test_tokens) if test_tokens else {}
     captions = _eval_captions(path, model, image_pairs)
     result = {"size": size}
     if latency:
@@ -397,17 +425,15 @@ def eval_cmd(
     result["perplexity"] = perplexity(model.to(where), ids, protocol)
     if second is not None:
         result["perplexity_second_domain"] = perplexity(model, second, protocol)
+    test_protocol = PerplexityProtocol(context=context, stride=stride, num_tokens=test_tokens or 2)
+    result["test"] = {name: perplexity(model, ids, test_protocol) for name, ids in tests.items()}
     result["device"] = str(where)
     rows = [[k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in size.items()]
     if latency:
         rows += [[k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in result["latency"].items()]
     rows += [["tokens scored", str(result["perplexity"]["predicted_tokens"])],
              ["context / stride", f"{context} / {stride}"]]
-    if second is not None:
-        from hyperquant.data import second_domain_name
-
-        rows += [[f"perplexity on the {second_domain_name()}",
-                  f"{result['perplexity_second_domain']['perplexity']:,.4f}"]]
+    rows += _perplexity_rows(result, text)
     if captions is not None:
         from hyperquant.job import Evaluation, measure_captions
 
@@ -421,6 +447,22 @@ def eval_cmd(
                       f"{row['caption_agreement']:.1%} tokens, {row['caption_exact_match']:.0%} exact"]]
     _print_table(["metric", "value"], rows, title=f"hyperquant eval {folder}")
     out.print(f"perplexity: {result['perplexity']['perplexity']:.4f}")
+
+
+def _perplexity_rows(result: dict, text) -> list[list[str]]:
+    """One row per domain, each named with its role and given with its standard error."""
+    from hyperquant.report import fmt_figure
+    from hyperquant.textsets import TEST_DOMAINS, validation_title
+
+    def cell(r: dict) -> str:
+        return f"{fmt_figure(r['perplexity'], r['perplexity_stderr'])} ({r['predicted_tokens']} tokens)"
+
+    first = f"perplexity on {text}" if text is not None else f"validation: {validation_title('wikipedia')}"
+    rows = [[first, cell(result["perplexity"])]]
+    if "perplexity_second_domain" in result:
+        rows.append([f"validation: {validation_title('python-docs')}", cell(result["perplexity_second_domain"])])
+    rows += [[f"test: {TEST_DOMAINS[name].title}", cell(r)] for name, r in result["test"].items()]
+    return rows
 
 
 def _eval_captions(path: Path, model, image_pairs):

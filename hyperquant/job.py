@@ -8,6 +8,7 @@ a checkpoint folder with report.md and summary.json in one atomic rename; ``comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +36,10 @@ class Evaluation:
     protocol: object | None = None  # evals.PerplexityProtocol
     # the second domain's tokens (`data.second_domain_tokens`), scored with the same protocol
     second_ids: torch.Tensor | None = None
+    # the test set (`textsets.test_sets`): {domain: tokens}, only ever reported, same windows
+    test_ids: dict[str, torch.Tensor] | None = None
+    # the instruction-model check (`evals.chat.ChatReference`: the original's greedy replies to fixed prompts)
+    chat: object | None = None
     captions: list | None = None
     reference_captions: list[list[int]] | None = None
 
@@ -46,6 +51,13 @@ class Evaluation:
             from hyperquant.data import second_domain_name
 
             data["second_domain"] = second_domain_name()
+        if self.test_ids:
+            from hyperquant.textsets import TEST_DOMAINS
+
+            data["test_domains"] = {name: {"title": TEST_DOMAINS[name].title, "source": TEST_DOMAINS[name].source,
+                                           "tokens": len(ids)} for name, ids in self.test_ids.items()}
+        if self.chat is not None:
+            data["chat"] = self.chat.describe()
         if self.captions:
             data["caption_pairs"] = len(self.captions)
             data["caption_tokens"] = sum(s.caption_tokens for s in self.captions)
@@ -86,13 +98,29 @@ def _measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: s
                                               else None)}
     if evaluation.protocol is not None:
         log.info("perplexity of %s", label)
-        row["perplexity"] = perplexity(model, evaluation.eval_ids, evaluation.protocol)["perplexity"]
+        _put(row, "perplexity", perplexity(model, evaluation.eval_ids, evaluation.protocol))
         if evaluation.second_ids is not None:
-            row["perplexity_second_domain"] = perplexity(model, evaluation.second_ids,
-                                                         evaluation.protocol)["perplexity"]
+            _put(row, "perplexity_second_domain", perplexity(model, evaluation.second_ids, evaluation.protocol))
+        if evaluation.test_ids:
+            log.info("test-set perplexity of %s (%s)", label, ", ".join(evaluation.test_ids))
+            protocol = dataclasses.replace(evaluation.protocol, num_tokens=max(map(len, evaluation.test_ids.values())))
+            row["test"] = {name: _figure(perplexity(model, ids, protocol)) for name, ids in evaluation.test_ids.items()}
+    if evaluation.chat is not None:
+        log.info("chat check of %s", label)
+        row["chat"] = evaluation.chat.score(model)
     if evaluation.captions:
         measure_captions(model, evaluation, row)
     return row
+
+
+def _figure(result: dict) -> dict:
+    return {"perplexity": result["perplexity"], "stderr": result["perplexity_stderr"], "windows": result["windows"]}
+
+
+def _put(row: dict, key: str, result: dict) -> None:
+    """A validation figure as the row has always carried it, with its standard error beside it."""
+    row[key] = result["perplexity"]
+    row[f"{key}_stderr"] = result["perplexity_stderr"]
 
 
 def measure_captions(model: nn.Module, evaluation: Evaluation, row: dict) -> None:

@@ -30,6 +30,7 @@ from hyperquant.kinds import LayerStats, kind_of, kind_of_entry
 from hyperquant.layer_compress import compress_layer
 from hyperquant.offload import BlockOffload, offloaded, to_device
 from hyperquant.plan import Plan, plan_needs_calibration, plan_to_dict, resolve_plan
+from hyperquant.textsets import chooses
 
 FORMAT_VERSION = 2
 
@@ -258,6 +259,7 @@ def round_rest(model: nn.Module, compressed: set[str], dtype_name: str) -> None:
             param.copy_(param.to(dtype).to(param.dtype))
 
 
+@chooses("calibration")
 def compress(
     model: nn.Module,
     config: CompressConfig,

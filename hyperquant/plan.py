@@ -116,9 +116,14 @@ def plan_from_dict(data: dict[str, dict]) -> Plan:
 
 
 def _common_label(entries: list[PlanEntry]) -> tuple[str, int]:
-    labels = [kind_of_entry(e).describe(e).label for e in entries]
+    """The most common label within the most common family (a capacity plan spreads PHM over several B,
+    which must not let a dense minority name the model), and how many entries carry another label."""
+    names = [kind_of_entry(e).describe(e) for e in entries]
+    families = [n.family for n in names]
+    family = max(dict.fromkeys(families), key=families.count)
+    labels = [n.label for n in names if n.family == family]
     common = max(dict.fromkeys(labels), key=labels.count)
-    return common, len(labels) - labels.count(common)
+    return common, len(names) - labels.count(common)
 
 
 def plan_label(plan: Plan) -> str:

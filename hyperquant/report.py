@@ -19,7 +19,16 @@ def fmt_ppl(value: float | None) -> str:
     return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
 
 
-SUMMARY_COLUMNS = ["model", "bytes", "FFN bytes", "bits/FFN weight", "params", "MACs/token", "perplexity"]
+def fmt_figure(value: float | None, stderr: float | None) -> str:
+    """A perplexity with its standard error: 27.73 ± 0.84."""
+    if value is None:
+        return "-"
+    return fmt_ppl(value) + (f" ± {fmt_ppl(stderr)}" if stderr else "")
+
+
+SUMMARY_COLUMNS = ["model", "bytes", "FFN bytes", "bits/FFN weight", "params", "MACs/token", "val: Wikipedia"]
+SECOND_DOMAIN_COLUMN = "val: Python docs"
+CHAT_COLUMNS = ["chat KL (nats/token)", "chat greedy agreement"]
 # a vision-language model's rows also carry the image-conditioned figures
 CAPTION_COLUMNS = ["caption perplexity", "greedy caption agreement"]
 
@@ -28,15 +37,21 @@ def _has_captions(rows: list[dict]) -> bool:
     return any("caption_perplexity" in r for r in rows)
 
 
-SECOND_DOMAIN_COLUMN = "perplexity (Python docs)"
-
-
 def _has_second_domain(rows: list[dict]) -> bool:
     return any("perplexity_second_domain" in r for r in rows)
 
 
+def _test_domains(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(name for r in rows for name in r.get("test") or {}))
+
+
+def _has_chat(rows: list[dict]) -> bool:
+    return any("chat" in r for r in rows)
+
+
 def summary_columns(rows: list[dict]) -> list[str]:
     return SUMMARY_COLUMNS + ([SECOND_DOMAIN_COLUMN] if _has_second_domain(rows) else []) + \
+        [f"test: {name}" for name in _test_domains(rows)] + (CHAT_COLUMNS if _has_chat(rows) else []) + \
         (CAPTION_COLUMNS if _has_captions(rows) else [])
 
 
@@ -46,10 +61,20 @@ def _caption_cells(row: dict) -> list[str]:
             "-" if agreement is None else f"{agreement:.1%} tokens, {row.get('caption_exact_match', 0):.0%} exact"]
 
 
+def _chat_cells(row: dict) -> list[str]:
+    chat = row.get("chat")
+    return ["-", "-"] if chat is None else [f"{chat['kl']:.3f}", f"{chat['agreement']:.1%}"]
+
+
+def _test_cells(row: dict, names: list[str]) -> list[str]:
+    test = row.get("test") or {}
+    return [fmt_figure(test[n]["perplexity"], test[n]["stderr"]) if n in test else "-" for n in names]
+
+
 def summary_rows(rows: list[dict]) -> list[list[str]]:
-    """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells (and the caption
-    figures, when a row has them)."""
-    captions, second = _has_captions(rows), _has_second_domain(rows)
+    """Rows of {'label', 'size' (evals.model_size), 'perplexity'} as table cells (and the second domain,
+    test-set, chat and caption figures, when a row has them)."""
+    captions, second, chat, tests = _has_captions(rows), _has_second_domain(rows), _has_chat(rows), _test_domains(rows)
     return [
         [
             r["label"],
@@ -58,8 +83,11 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
             f"{r['size']['ffn_bits_per_weight']:.2f}",
             f"{r['size']['params'] / 1e6:.1f} M",
             f"{r['size']['macs_per_token'] / 1e6:.1f} M",
-            fmt_ppl(r.get("perplexity")),
-            *([fmt_ppl(r.get("perplexity_second_domain"))] if second else []),
+            fmt_figure(r.get("perplexity"), r.get("perplexity_stderr")),
+            *([fmt_figure(r.get("perplexity_second_domain"), r.get("perplexity_second_domain_stderr"))]
+              if second else []),
+            *_test_cells(r, tests),
+            *(_chat_cells(r) if chat else []),
             *(_caption_cells(r) if captions else []),
         ]
         for r in rows
@@ -82,6 +110,27 @@ def layer_error_summary(log: list[dict]) -> dict:
     return {k: statistics.fmean(r[k] for r in log if k in r) for k in keys if any(k in r for r in log)}
 
 
+def protocol_text(protocol: dict) -> str:
+    """What the perplexity columns measured, each labelled with its role."""
+    text = (f"Validation (val:) columns, text that recipe and default choices were made on: {protocol['num_tokens']} "
+            f"tokens of held-out Wikipedia lead paragraphs (or the given file)"
+            + (f" and of the {protocol['second_domain']}" if protocol.get("second_domain") else "")
+            + f", windows of {protocol['context']} tokens with stride {protocol['stride']}.")
+    if protocol.get("test_domains"):
+        domains = "; ".join(f"{name}: {d['title']}, {d['source']}, {d['tokens']} tokens"
+                            for name, d in protocol["test_domains"].items())
+        text += (f" Test (test:) columns, text that no choice has read and that shares no 13-word sequence with "
+                 f"the calibration, training or validation text: {domains}; the same windows.")
+    text += " ± is the standard error over windows (perplexity × the standard error of the mean NLL)."
+    if protocol.get("chat"):
+        chat = protocol["chat"]
+        text += (f" Chat: the original's greedy replies (up to {chat['max_new_tokens']} tokens, "
+                 f"{chat['reply_tokens']} in all) to {chat['prompts']} fixed prompts in {chat['template']}, on "
+                 f"which each model is teacher-forced: KL(original || model) per reply token, and the share of "
+                 f"reply tokens that are the model's most likely token.")
+    return text
+
+
 def compress_report_md(source: str, config: dict, rows: list[dict], log: list[dict], protocol: dict | None,
                        seconds: float) -> str:
     parts = [
@@ -95,12 +144,7 @@ def compress_report_md(source: str, config: dict, rows: list[dict], log: list[di
         "scales + zero points, other weights in " + config["rest_dtype"] + "). MACs/token: every linear layer.",
     ]
     if protocol and "num_tokens" in protocol:
-        parts.append(
-            f"Perplexity: {protocol['num_tokens']} tokens of held-out Wikipedia text (or the given file), "
-            f"context {protocol['context']}, stride {protocol['stride']}."
-            + (f" Perplexity (Python docs): the same protocol on the {protocol['second_domain']}, a second domain "
-               f"never used for calibration or training." if protocol.get("second_domain") else "")
-        )
+        parts.append(protocol_text(protocol))
     if protocol and protocol.get("caption_pairs"):
         parts.append(
             f"Caption perplexity: {protocol['caption_pairs']} image-caption pairs never calibrated or trained on "

@@ -49,6 +49,21 @@ def test_compress_eval_info(tiny_model_dir, tmp_path):
     assert "Python language reference" in (out / "report.md").read_text()
     result = run("eval", out, "--eval-tokens", summary["protocol"]["num_tokens"], "--no-latency")
     assert result.exit_code == 0 and "Python language reference" in result.output
+    # the test set, reported with standard errors and labelled as what it is, in the summary and in eval
+    from hyperquant.textsets import TEST_DOMAINS, load_test_set
+
+    tests = load_test_set(AutoTokenizer.from_pretrained(out), summary["protocol"]["num_tokens"] * 4)
+    assert set(row["test"]) == set(TEST_DOMAINS) == set(summary["protocol"]["test_domains"])
+    drama = perplexity(load(out), tests["drama"], PerplexityProtocol(protocol.context, protocol.stride,
+                                                                     len(tests["drama"])))
+    assert row["test"]["drama"]["perplexity"] == pytest.approx(drama["perplexity"], rel=1e-6)
+    assert row["test"]["drama"]["stderr"] == pytest.approx(drama["perplexity_stderr"], rel=1e-6) and drama["windows"] > 1
+    assert 0 <= row["chat"]["kl"] and 0 <= row["chat"]["agreement"] <= 1 and summary["rows"][0]["chat"]["agreement"] == 1
+    report = (out / "report.md").read_text()
+    assert "test: drama" in report and "val: Wikipedia" in report and " ± " in report
+    for domain in TEST_DOMAINS.values():
+        assert f"test: {domain.title}" in result.output
+    assert "validation: held-out Wikipedia" in result.output and " ± " in result.output
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")

@@ -78,3 +78,23 @@ def test_models_load_without_hub_kernels(tiny_model_dir):
 
     model = load_model(resolve_source(str(tiny_model_dir)))[0]
     assert not getattr(model, "use_kernels", False)
+
+
+def test_calibration_never_draws_from_the_evaluation_articles(tiny_model_dir, monkeypatch):
+    """The texts the default calibration stream is cut from are calibration articles only."""
+    from transformers import AutoTokenizer
+
+    from hyperquant import data
+
+    seen = []
+    real = data._tokens_from_texts
+
+    def spy(tokenizer, texts, num_tokens):
+        seen.extend(texts)
+        return real(tokenizer, texts, num_tokens)
+
+    monkeypatch.setattr(data, "_tokens_from_texts", spy)
+    calibration_ids(AutoTokenizer.from_pretrained(tiny_model_dir), samples=4, seq_len=64)
+    _, evaluation = split_articles()
+    assert seen and not set(seen) & set(evaluation)
+    assert len(set(seen)) == len(split_articles()[0])  # every calibration article is in the shuffled list

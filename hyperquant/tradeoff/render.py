@@ -64,7 +64,9 @@ def json_safe(obj: Any) -> Any:
 
 
 TABLE_HEADERS = ["frontier", "label", "family", "MB", "bits/weight", "FFN bits/weight", "params (M)",
-                 "MMACs/token", "perplexity", "perplexity (Python docs)", "prefill ms", "decode ms/token", "compress s"]
+                 "MMACs/token", "val: Wikipedia", "val: Python docs", "test: dialogue", "test: drama", "test: code",
+                 "prefill ms", "decode ms/token", "compress s"]
+TEST_COLUMNS = ("dialogue", "drama", "code")
 
 
 def _draw_figures(ok: list[Mapping[str, Any]], out_dir: Path, model: str, machine: str,
@@ -173,10 +175,12 @@ def _build_document(ok: list[Mapping[str, Any]], bad: list[Mapping[str, Any]], m
                      DASH if bpw is None else f"{bpw:.2f}", DASH if fbpw is None else f"{fbpw:.2f}",
                      fmt_num(None if params is None else params / 1e6),
                      fmt_num(None if macs is None else macs / 1e6), fmt_ppl(raw_ppl(p)),
-                     fmt_ppl(m("perplexity_second_domain")), fmt_num(m("prefill_ms")), fmt_num(m("decode_ms")), fmt_num(m("compress_seconds"))])
+                     fmt_ppl(m("perplexity_second_domain")),
+                     *(fmt_ppl(m(f"test.{name}.perplexity")) for name in TEST_COLUMNS),
+                     fmt_num(m("prefill_ms")), fmt_num(m("decode_ms")), fmt_num(m("compress_seconds"))])
         if i in front_set:
             highlight.add(r)
-    doc.table(TABLE_HEADERS, rows, numeric=set(range(3, 13)), highlight=highlight)
+    doc.table(TABLE_HEADERS, rows, numeric=set(range(3, len(TABLE_HEADERS))), highlight=highlight)
 
     doc.h(2, f"Failed or skipped points ({len(bad)})")
     if bad:

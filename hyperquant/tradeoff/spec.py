@@ -17,6 +17,7 @@ from hyperquant.config import CompressConfig, ConfigError, from_known_fields
 from hyperquant.kinds import kind_of_entry
 from hyperquant.plan import config_label
 from hyperquant.quant.packing import SUPPORTED_BITS
+from hyperquant.textsets import default_test_tokens
 
 BASELINE_METHODS = ("bnb-nf4", "gptqmodel")
 QUANTIZERS = ("rtn", "gptq")
@@ -130,6 +131,7 @@ class SweepConfig:
     grid: dict[str, list] = field(default_factory=dict)  # compress points: cartesian product of CompressConfig fields
     eval_tokens: int = 4096
     eval_context: int = 512
+    test_tokens: int | None = None  # per test domain (textsets), with standard errors; None: 4 x eval_tokens
     calib_samples: int = 32
     calib_seq_len: int = 512
     latency: bool = True  # export to ONNX and time onnxruntime (methods that export)
@@ -143,7 +145,9 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         self.points = [p if isinstance(p, PointSpec) else _point(p) for p in self.points]
-        for name in ("eval_tokens", "eval_context", "calib_samples", "calib_seq_len", "latency_threads",
+        if self.test_tokens is None and isinstance(self.eval_tokens, int):
+            self.test_tokens = default_test_tokens(self.eval_tokens)
+        for name in ("eval_tokens", "eval_context", "test_tokens", "calib_samples", "calib_seq_len", "latency_threads",
                      "prompt_tokens", "decode_tokens", "latency_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -188,7 +192,7 @@ class SweepConfig:
 
     def measurement(self) -> dict:
         """The settings every point's measurements depend on."""
-        return {"eval_tokens": self.eval_tokens, "eval_context": self.eval_context,
+        return {"eval_tokens": self.eval_tokens, "eval_context": self.eval_context, "test_tokens": self.test_tokens,
                 "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
                 "version": SWEEP_VERSION}
 

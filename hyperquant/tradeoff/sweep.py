@@ -10,6 +10,7 @@ baseline libraries), ``sweep_log.jsonl`` (what each run did).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -47,7 +48,8 @@ class Context:
     calib: torch.Tensor
     heldout: torch.Tensor | None  # calibration-text sequences never fitted on: the per-layer errors' data
     eval_ids: torch.Tensor
-    second_ids: torch.Tensor  # the second evaluation domain (data.second_domain_tokens)
+    second_ids: torch.Tensor  # the second validation domain (data.second_domain_tokens)
+    test_ids: dict[str, torch.Tensor]  # the test set (textsets.load_test_set), only ever reported
     protocol: object
     cache: Path
     ffn_names: list[str]
@@ -219,9 +221,14 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
         "compress_seconds": seconds,
     }
     start = time.perf_counter()
-    metrics["perplexity"] = perplexity(model, ctx.eval_ids, ctx.protocol)["perplexity"]
-    # the second domain (never calibrated or trained on), same protocol
-    metrics["perplexity_second_domain"] = perplexity(model, ctx.second_ids, ctx.protocol)["perplexity"]
+    for key, ids in (("perplexity", ctx.eval_ids), ("perplexity_second_domain", ctx.second_ids)):  # validation
+        result = perplexity(model, ids, ctx.protocol)
+        metrics[key], metrics[f"{key}_stderr"] = result["perplexity"], result["perplexity_stderr"]
+    test_protocol = dataclasses.replace(ctx.protocol, num_tokens=ctx.cfg.test_tokens)
+    metrics["test"] = {}
+    for name, ids in ctx.test_ids.items():
+        result = perplexity(model, ids, test_protocol)
+        metrics["test"][name] = {"perplexity": result["perplexity"], "stderr": result["perplexity_stderr"]}
     metrics["eval_seconds"] = time.perf_counter() - start
     onnx = None
     no_latency = why_no_latency(spec, model if spec.method == "checkpoint" else None) if ctx.cfg.latency \
@@ -248,6 +255,7 @@ def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     from hyperquant.data import calibration_split, eval_tokens, second_domain_tokens
     from hyperquant.evals import PerplexityProtocol
     from hyperquant.models import load_model, resolve_source
+    from hyperquant.textsets import load_test_set
 
     source = resolve_source(cfg.model)
     model, tokenizer = load_model(source)
@@ -258,6 +266,7 @@ def _load_context(cfg: SweepConfig, cache: Path) -> Context:
     return Context(
         cfg=cfg, source=source, model=model, tokenizer=tokenizer, calib=calib, heldout=heldout,
         eval_ids=eval_tokens(tokenizer, needed), second_ids=second_domain_tokens(tokenizer, cfg.eval_tokens),
+        test_ids=load_test_set(getattr(tokenizer, "tokenizer", tokenizer), cfg.test_tokens),
         protocol=PerplexityProtocol(context=cfg.eval_context, stride=cfg.eval_context, num_tokens=cfg.eval_tokens),
         cache=cache, ffn_names=list(ffn),
         original_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),

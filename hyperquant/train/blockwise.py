@@ -27,6 +27,7 @@ from torch import nn
 
 from hyperquant.convert import block_index
 from hyperquant.pipeline import _capture_block_inputs, _run_block
+from hyperquant.textsets import chooses
 from hyperquant.train.config import BLOCKWISE_ERRORS
 from hyperquant.train.interp import InterpolatedLinear, interpolated_layers
 
@@ -60,6 +61,7 @@ def _relative_error(block: nn.Module, inputs: list[tuple], targets: list[torch.T
     return num / max(den, 1e-30)
 
 
+@chooses("the block-wise stage")
 def blockwise_stage(model: nn.Module, fit_ids: torch.Tensor, heldout_ids: torch.Tensor, steps: int, lr: float,
                     batch_size: int = 4, progress=None, error: str = "token",
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[dict]:

@@ -36,6 +36,7 @@ from hyperquant.errors import HyperquantError
 from hyperquant.phm.bases import fixed_bases
 from hyperquant.phm.functional import kron_weight
 from hyperquant.phm.projection import project_fixed
+from hyperquant.textsets import chooses
 from hyperquant.train.config import CAPACITY_COSTS, PAPER_EXTRA_BASES
 from hyperquant.train.losses import causal_lm_loss, kd_loss
 
@@ -202,7 +203,7 @@ def allocate(rows: list[dict], budget_params: int, method: str, base_bases: int,
                 if b >= max_bases or used + r["unit"] > budget_params:
                     continue
                 gain = (r["costs"][b] - r["costs"][b + 1]) / r["unit"]
-                if best is None or gain > best_gain:
+                if gain > best_gain:  # a basis whose measured cost does not fall is not worth its bytes
                     best, best_gain = r, gain
             if best is None:
                 return chosen
@@ -243,6 +244,7 @@ def allocate(rows: list[dict], budget_params: int, method: str, base_bases: int,
     raise HyperquantError(f"unknown capacity method {method!r}; use topk, greedy or knapsack")
 
 
+@chooses("the capacity assignment")
 def assign_capacity(model: nn.Module, ids: torch.Tensor, n: int = 2, num_bases: int = 2,
                     method: str = "knapsack", budget: float | None = None, topk: int | None = None,
                     max_bases: int | None = None, bits: int | None = 4, group_size: int = 128,

@@ -25,7 +25,8 @@ DEFAULT_TOKENS = DEFAULT_STEPS * TrainConfig.per_device_batch_size * TrainConfig
 QAT_START_FRACTION = 0.6
 # Text-only training relearns the calibration text's domain. Half the rows sampled from the dense model
 # (LLM-QAT's data-free distillation) and a block-wise first stage (then 72 Adam steps per block on 96 rows)
-# scored best on the second domain at 25,600 tokens: Python docs 311 against 1,169 for text alone, with
+# scored best on the Python docs at 25,600 tokens (a validation set: the test set, hyperquant.textsets, was
+# never read by these choices): Python docs 311 against 1,169 for text alone, with
 # Wikipedia better too (215 against 235). LLM-QAT's objective on top, the teacher's distribution at T = 1
 # and no cross-entropy on the rows' own tokens (which pulls towards the text's domain), scored 278 / 208
 # there, and the block-wise stage on each token's error (TrainConfig's blockwise_error default) 256 / 197;

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from hyperquant.errors import HyperquantError
 from hyperquant.multimodal.inputs import with_image_batches
 from hyperquant.phm.functional import factors_to_cat
 from hyperquant.pipeline import input_covariances
+from hyperquant.textsets import chooses
 from hyperquant.train.capacity import CapacityPlan, assign_capacity
 from hyperquant.train.config import TrainConfig
 from hyperquant.train.export import finalize
@@ -54,6 +56,7 @@ from hyperquant.train.sharding import (
     shard_model,
 )
 
+log = logging.getLogger(__name__)
 CSV_FIELDS = ["step", "stage", "mean_alpha", "lr", "loss", "ce", "kd", "recon", "lambda_kd", "qat", "tokens",
               "time_s"]
 KEEP_CHECKPOINTS = 2
@@ -702,14 +705,28 @@ def _finish(run: _Run, tokenizer, t0: float) -> dict:
     return summary
 
 
-def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, heldout_ids, output_dir: Path,
-                           accelerator) -> list[dict]:
+def _blockwise_rows(cfg: TrainConfig, train_ids: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+    """The block-wise stage's ``blockwise_samples`` fit rows: the first training rows, topped up with the
+    text rows the steps do not read when a small budget keeps fewer (with teacher samples a run keeps only
+    the rows its steps read); fewer only when the text has no more, and then said."""
+    fit = train_ids[: cfg.blockwise_samples]
+    if len(fit) < cfg.blockwise_samples:
+        unread = text_ids[len(train_ids):] if len(text_ids) > len(train_ids) else text_ids[:0]
+        fit = torch.cat([fit, unread[: cfg.blockwise_samples - len(fit)]])
+    if len(fit) < cfg.blockwise_samples:
+        log.warning("block-wise stage: blockwise_samples=%d asked, the run has %d training rows: it fits on %d "
+                    "(raise train_samples or lower blockwise_samples)", cfg.blockwise_samples, len(fit), len(fit))
+    return fit
+
+
+def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.Tensor, text_ids: torch.Tensor,
+                           heldout_ids, output_dir: Path, accelerator) -> list[dict]:
     """The block-wise stage of a new run (a resumed one has its result in the checkpoint), on the training
     device (every process its own copy under FSDP, on the host) in the training's precision; its per-block
     held-out errors go to blockwise.json."""
     from hyperquant.train.blockwise import blockwise_stage
 
-    fit = train_ids[: cfg.blockwise_samples]
+    fit = _blockwise_rows(cfg, train_ids, text_ids)
     # held-out rows: the calibration rows never trained on, else the last training rows (not fitted here)
     held = heldout_ids if heldout_ids is not None else train_ids[-max(1, cfg.per_device_batch_size):]
     if not cfg.fsdp:  # accelerate would move it later; the stage runs where the steps will
@@ -720,7 +737,8 @@ def _blockwise_first_stage(cfg: TrainConfig, model: nn.Module, train_ids: torch.
         output_dir.mkdir(parents=True, exist_ok=True)
         tokens = cfg.blockwise_steps * len(records) * min(cfg.per_device_batch_size, len(fit)) * cfg.seq_len
         (output_dir / "blockwise.json").write_text(json.dumps(
-            {"block_tokens": tokens, "heldout_rows": len(held), "error": cfg.blockwise_error, "blocks": records},
+            {"block_tokens": tokens, "fit_rows": len(fit), "asked_rows": cfg.blockwise_samples,
+             "heldout_rows": len(held), "error": cfg.blockwise_error, "blocks": records},
             indent=2))
     return records
 
@@ -791,6 +809,7 @@ def _vision_language_data(source, model: nn.Module, tokenizer, image_samples: li
     return tokenizer, image_samples
 
 
+@chooses("training")
 def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
           eval_ids: torch.Tensor | None = None, stop_after: int | None = None,
           model: nn.Module | None = None, tokenizer=None, image_samples: list | None = None) -> dict:
@@ -835,6 +854,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
         train_ids, heldout_ids = train_ids[:-held], train_ids[-held:]
     if state is None:
         _check_capacity_rows(cfg, train_ids)
+    text_ids = train_ids  # before the teacher samples: the block-wise stage may top its rows up from them
     if cfg.generated_fraction > 0:
         train_ids, generation = _with_teacher_samples(cfg, source, model, text_tokenizer, train_ids)
         if generation is not None and main:
@@ -858,7 +878,7 @@ def train(model_dir, cfg: TrainConfig, *, train_ids: torch.Tensor | None = None,
     prepare_model(model, cfg, layer_bases,
                   None if state is not None else with_image_batches(train_ids[: cfg.init_samples], image_samples, 4))
     if state is None and cfg.blockwise_steps > 0:
-        _blockwise_first_stage(cfg, model, train_ids, heldout_ids, output_dir, accelerator)
+        _blockwise_first_stage(cfg, model, train_ids, text_ids, heldout_ids, output_dir, accelerator)
     if state is not None:
         if start_step >= cfg.stage_b:
             drop_dense(model, keep_teacher=keeps_teacher(cfg))

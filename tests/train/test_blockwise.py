@@ -125,3 +125,54 @@ def test_blockwise_stage_runs_in_the_training_precision():
         assert 0 < r["heldout_error_trained"] < r["heldout_error_before"], r
         assert isinstance(r["heldout_error_trained"], float)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def _mixture_run(tiny_model_dir, folder, blockwise_samples, caplog):
+    from hyperquant.train.runner import train
+
+    cfg = TrainConfig.from_dict({
+        "output_dir": str(folder / "run"), "max_steps": 2, "seq_len": 16, "train_samples": 12,
+        "per_device_batch_size": 2, "init_samples": 2, "fade_steps": 1, "eval_tokens": 64, "eval_context": 32,
+        "progress": False, "save_every": 0, "blockwise_steps": 2, "blockwise_samples": blockwise_samples,
+        "generated_fraction": 0.5, "generation_cache": str(folder / "cache"),
+        "compress": {"bits": 4, "n": 2, "num_bases": 2, "group_size": 16, "heldout_samples": 2}})
+    with caplog.at_level("WARNING", logger="hyperquant.train.runner"):
+        train(tiny_model_dir, cfg)
+    return json.loads((folder / "run" / "blockwise.json").read_text())
+
+
+def test_the_blockwise_stage_fits_on_the_rows_it_states(tiny_model_dir, tmp_path, caplog):
+    """With teacher samples a run keeps only the 4 rows its 2 steps read; the stage asked for 6 tops up
+    from the 6 text rows the steps do not read, and asked for 32 (more than the 10 rows there are) it fits
+    on all of them and says so."""
+    log = _mixture_run(tiny_model_dir, tmp_path / "six", 6, caplog)
+    assert log["fit_rows"] == 6 and log["asked_rows"] == 6
+    assert "blockwise_samples" not in caplog.text
+    log = _mixture_run(tiny_model_dir, tmp_path / "many", 32, caplog)
+    assert log["fit_rows"] == 10 and log["asked_rows"] == 32
+    assert "blockwise_samples=32 asked" in caplog.text
+
+
+def test_the_keep_decision_never_reads_the_held_out_rows(monkeypatch):
+    """The held-out errors a block reports are made to say "training hurt" (every second held-out error,
+    the trained one, inflated 1000x); the decision reads the fit rows only, so every block still keeps what
+    it trained, and the records carry the inflated figure they were given."""
+    from hyperquant.train import blockwise
+
+    real, held_calls = blockwise._relative_error, []
+
+    def inflated(block, inputs, targets, error):
+        value = real(block, inputs, targets, error)
+        if len(inputs) == 1:  # the single held-out batch (8 rows, batch 8); the fit rows are 8 batches
+            held_calls.append(value)
+            return value * 1000 if len(held_calls) % 2 == 0 else value
+        return value
+
+    monkeypatch.setattr(blockwise, "_relative_error", inflated)
+    model = _prepared()
+    fit, held = torch.randint(0, 128, (64, 32)), torch.randint(0, 128, (8, 32))
+    records = blockwise_stage(model, fit, held, steps=40, lr=1e-3, batch_size=8)
+    assert len(held_calls) == 2 * len(records)
+    for r in records:
+        assert r["heldout_error_trained"] > r["heldout_error_before"], r
+        assert r["kept"] == "trained", r

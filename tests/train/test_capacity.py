@@ -138,3 +138,12 @@ def test_kl_cost_gives_the_bases_to_the_layer_that_needs_them():
     assert plan.cost == "kl" and "KL at the base B" in plan.table()
     with pytest.raises(HyperquantError, match="fit_ids"):
         assign_capacity(model, ev, cost="kl")
+
+
+def test_greedy_adds_no_basis_whose_measured_cost_rises():
+    """A basis that makes the measured cost worse (a noisy KL can) is not worth its bytes: greedy stops
+    at a negative gain even with budget left."""
+    rows = [{"name": "a", "unit": 10, "costs": {1: 1.0, 2: 0.5, 3: 0.6, 4: 0.7}},
+            {"name": "b", "unit": 10, "costs": {1: 0.2, 2: 0.3, 3: 0.1, 4: 0.0}}]
+    chosen = allocate(rows, 80, "greedy", 1, 4, min_bases=1)
+    assert chosen == {"a": 2, "b": 1}

@@ -90,3 +90,26 @@ def test_training_on_a_mixture(tiny_model_dir, tmp_path):
     text_only = run(tmp_path / "text", 0.0)
     assert not (tmp_path / "text" / "generation.json").exists()
     assert text_only["exported_ppl"] != pytest.approx(mixed["exported_ppl"], rel=1e-9)
+
+
+def test_sampling_follows_the_temperature():
+    """At a temperature near 0 the samples are the model's greedy tokens; at a high one they are not (the
+    logits are divided by the temperature before sampling)."""
+    model = tiny_llama()
+    cold = generate_sequences(model, GenerationSettings(sequences=3, seq_len=10, temperature=1e-4), bos_id=1,
+                              vocab_size=128)
+    greedy = generate_sequences(model, GenerationSettings(sequences=3, seq_len=10, top_k=1), bos_id=1, vocab_size=128)
+    assert torch.equal(cold, greedy)
+    hot = generate_sequences(model, GenerationSettings(sequences=3, seq_len=10, temperature=1.0), bos_id=1,
+                             vocab_size=128)
+    assert not torch.equal(hot, greedy)
+
+
+def test_the_mixture_interleaves_the_generated_rows():
+    """Generated rows are spread through the training order, not put in one block at either end."""
+    text = torch.zeros(100, 4, dtype=torch.long)
+    generated = torch.ones(50, 4, dtype=torch.long)
+    marks = mix_rows(text, generated, 0.5, seed=0)[:, 0]
+    assert int(marks.sum()) == 50
+    for quarter in marks.reshape(4, 25):
+        assert 6 <= int(quarter.sum()) <= 19, marks.tolist()

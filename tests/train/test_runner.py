@@ -176,9 +176,18 @@ def test_train_command_with_yaml_and_capacity(tiny_model_dir, tmp_path):
     assert set(evals[-1]["ppl"]) == {"1"}  # after Stage B only the PHM model remains
 
 
-def test_training_with_measured_capacity_exports_the_assigned_bases(tiny_model_dir, tmp_path):
-    """capacity_cost: kl measures on the rows after the initial fit's, and the exported checkpoint holds
-    the B each layer was assigned (the layer with n^2 bases too)."""
+def test_training_with_measured_capacity_exports_the_assigned_bases(tiny_model_dir, tmp_path, monkeypatch):
+    """capacity_cost: kl measures on the rows after the initial fit's (none of them fitted on), and the
+    exported checkpoint holds the B each layer was assigned (the layer with n^2 bases too)."""
+    from hyperquant.train import runner
+
+    seen, real = {}, runner.assign_capacity
+
+    def spy(model, ids, *args, **kwargs):
+        seen.update(measured=ids.clone(), fit=kwargs["fit_ids"].clone())
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "assign_capacity", spy)
     cfg = TrainConfig(**{**BASE, "max_steps": 2, "stage_b_step": 2, "export": True, "capacity": "knapsack",
                          "capacity_cost": "kl", "capacity_budget": "num_bases+0.3334", "capacity_max_bases": 4,
                          "capacity_min_bases": 2, "capacity_samples": 2,
@@ -187,6 +196,8 @@ def test_training_with_measured_capacity_exports_the_assigned_bases(tiny_model_d
     summary = train(str(tiny_model_dir), cfg)
     plan = json.loads((tmp_path / "run" / "capacity.json").read_text())
     assert plan["cost"] == "kl" and summary["capacity"]["cost"] == "kl"
+    assert len(seen["fit"]) == 4 and len(seen["measured"]) == 2
+    assert not any(torch.equal(m, f) for m in seen["measured"] for f in seen["fit"])
     bases = {r["name"]: r["bases"] for r in plan["layers"]}
     assert sorted(bases.values()) == [2, 2, 2, 2, 2, 4]
     assert all(set(r["costs"]) == {"2", "3", "4"} for r in plan["layers"])  # from min_bases (JSON keys)
