@@ -340,6 +340,9 @@ def eval_cmd(
     stride: Annotated[int | None, typer.Option(help="Stride between windows (default = context: non-overlapping)")] = None,
     latency: Annotated[bool, typer.Option(help="Also time prefill and decode of the torch model (on the CPU)")] = True,
     device: Annotated[str, typer.Option(help="Where perplexity runs: auto (CUDA when visible), cpu, cuda or cuda:<i>")] = "auto",
+    original: Annotated[str | None, typer.Option(help="The uncompressed model (folder or .gguf): also score the chat "
+                                                      "check, KL to its greedy replies to fixed chat prompts and "
+                                                      "agreement with them")] = None,
     images: Annotated[Path | None, typer.Option(help="A vision-language model: image-caption pairs to score captions on, a "
                                                      "folder of images with .txt captions or a JSONL file (default: the "
                                                      "shipped evaluation photographs)")] = None,
@@ -419,6 +422,7 @@ def eval_cmd(
         second = second_domain_tokens(tokenizer, eval_tokens)
         tests = load_test_set(getattr(tokenizer, "tokenizer", tokenizer), test_tokens) if test_tokens else {}
     captions = _eval_captions(path, model, image_pairs)
+    chat = _chat_reference(original, tokenizer) if original is not None else None
     result = {"size": size}
     if latency:
         result["latency"] = torch_latency(model, model.config.get_text_config().vocab_size)
@@ -427,6 +431,8 @@ def eval_cmd(
         result["perplexity_second_domain"] = perplexity(model, second, protocol)
     test_protocol = PerplexityProtocol(context=context, stride=stride, num_tokens=test_tokens or 2)
     result["test"] = {name: perplexity(model, ids, test_protocol) for name, ids in tests.items()}
+    if chat is not None:
+        result["chat"] = chat.score(model)
     result["device"] = str(where)
     rows = [[k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in size.items()]
     if latency:
@@ -434,6 +440,10 @@ def eval_cmd(
     rows += [["tokens scored", str(result["perplexity"]["predicted_tokens"])],
              ["context / stride", f"{context} / {stride}"]]
     rows += _perplexity_rows(result, text)
+    if chat is not None:
+        agreement = f"{result['chat']['agreement']:.1%} of {result['chat']['tokens']} reply tokens"
+        rows += [["chat KL to the original (nats/token)", f"{result['chat']['kl']:.4f}"],
+                 ["chat greedy agreement with the original", agreement]]
     if captions is not None:
         from hyperquant.job import Evaluation, measure_captions
 
@@ -447,6 +457,15 @@ def eval_cmd(
                       f"{row['caption_agreement']:.1%} tokens, {row['caption_exact_match']:.0%} exact"]]
     _print_table(["metric", "value"], rows, title=f"hyperquant eval {folder}")
     out.print(f"perplexity: {result['perplexity']['perplexity']:.4f}")
+
+
+def _chat_reference(original: str, tokenizer):
+    """The original model's greedy replies to the chat prompts (it is loaded, replies, and is let go)."""
+    from hyperquant.evals.chat import ChatReference
+    from hyperquant.models import load_model, resolve_source
+
+    reference_model, _ = load_model(resolve_source(original))
+    return ChatReference.from_model(reference_model, tokenizer)
 
 
 def _perplexity_rows(result: dict, text) -> list[list[str]]:

@@ -64,6 +64,9 @@ def test_compress_eval_info(tiny_model_dir, tmp_path):
     for domain in TEST_DOMAINS.values():
         assert f"test: {domain.title}" in result.output
     assert "validation: held-out Wikipedia" in result.output and " ± " in result.output
+    result = run("eval", out, "--eval-tokens", 64, "--no-latency", "--original", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    assert "chat KL to the original" in result.output and "chat greedy agreement" in result.output
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
