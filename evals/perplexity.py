@@ -111,3 +111,8 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, protocol: PerplexityPr
     # the delta method: d exp(nll) = exp(nll) d nll
     return {**result, "nll_stderr": stderr, "perplexity_stderr": result["perplexity"] * stderr,
             "windows": len(sums), **protocol.to_dict()}
+
+
+def reported(result: dict) -> dict:
+    """What a table or summary keeps of a `perplexity` result: the figure, its standard error, the windows."""
+    return {"perplexity": result["perplexity"], "stderr": result["perplexity_stderr"], "windows": result["windows"]}

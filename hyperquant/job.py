@@ -36,7 +36,7 @@ class Evaluation:
     protocol: object | None = None  # evals.PerplexityProtocol
     # the second domain's tokens (`data.second_domain_tokens`), scored with the same protocol
     second_ids: torch.Tensor | None = None
-    # the test set (`textsets.test_sets`): {domain: tokens}, only ever reported, same windows
+    # the test set (`textsets.load_test_set`): {domain: tokens}, only ever reported, same windows
     test_ids: dict[str, torch.Tensor] | None = None
     # the instruction-model check (`evals.chat.ChatReference`: the original's greedy replies to fixed prompts)
     chat: object | None = None
@@ -92,6 +92,7 @@ def measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: st
 
 def _measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: str | None) -> dict:
     from hyperquant.evals import model_size, perplexity
+    from hyperquant.evals.perplexity import reported
     from hyperquant.evals.size import dtype_bytes
 
     row = {"label": label, "size": model_size(model, rest_bytes_per_param=dtype_bytes(rest_dtype) if rest_dtype
@@ -104,17 +105,13 @@ def _measure(model: nn.Module, label: str, evaluation: Evaluation, rest_dtype: s
         if evaluation.test_ids:
             log.info("test-set perplexity of %s (%s)", label, ", ".join(evaluation.test_ids))
             protocol = dataclasses.replace(evaluation.protocol, num_tokens=max(map(len, evaluation.test_ids.values())))
-            row["test"] = {name: _figure(perplexity(model, ids, protocol)) for name, ids in evaluation.test_ids.items()}
+            row["test"] = {name: reported(perplexity(model, ids, protocol)) for name, ids in evaluation.test_ids.items()}
     if evaluation.chat is not None:
         log.info("chat check of %s", label)
         row["chat"] = evaluation.chat.score(model)
     if evaluation.captions:
         measure_captions(model, evaluation, row)
     return row
-
-
-def _figure(result: dict) -> dict:
-    return {"perplexity": result["perplexity"], "stderr": result["perplexity_stderr"], "windows": result["windows"]}
 
 
 def _put(row: dict, key: str, result: dict) -> None:

@@ -180,6 +180,7 @@ def why_no_latency(spec: PointSpec, model: nn.Module | None = None) -> str | Non
 def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
     """Build ``spec``'s model, measure size, compute and perplexity, export it to ONNX; return the point."""
     from hyperquant.evals import model_size, perplexity
+    from hyperquant.evals.perplexity import reported
     from hyperquant.evals.size import dtype_bytes
 
     ckpt = point_dir / "checkpoint"
@@ -225,10 +226,7 @@ def measure_point(spec: PointSpec, ctx: Context, point_dir: Path) -> dict:
         result = perplexity(model, ids, ctx.protocol)
         metrics[key], metrics[f"{key}_stderr"] = result["perplexity"], result["perplexity_stderr"]
     test_protocol = dataclasses.replace(ctx.protocol, num_tokens=ctx.cfg.test_tokens)
-    metrics["test"] = {}
-    for name, ids in ctx.test_ids.items():
-        result = perplexity(model, ids, test_protocol)
-        metrics["test"][name] = {"perplexity": result["perplexity"], "stderr": result["perplexity_stderr"]}
+    metrics["test"] = {name: reported(perplexity(model, ids, test_protocol)) for name, ids in ctx.test_ids.items()}
     metrics["eval_seconds"] = time.perf_counter() - start
     onnx = None
     no_latency = why_no_latency(spec, model if spec.method == "checkpoint" else None) if ctx.cfg.latency \
