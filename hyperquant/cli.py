@@ -373,6 +373,7 @@ def eval_cmd(
     test_tokens = default_test_tokens(eval_tokens) if test_tokens is None else test_tokens
     if test_tokens < 0:
         _fail(f"--test-tokens {test_tokens} must be >= 0 (0 skips the test set)")
+    original_source = resolve_source(original) if original is not None else None  # a bad path fails first
     path = Path(folder)
     image_pairs = None
     if images is not None:
@@ -422,7 +423,7 @@ def eval_cmd(
         second = second_domain_tokens(tokenizer, eval_tokens)
         tests = load_test_set(getattr(tokenizer, "tokenizer", tokenizer), test_tokens) if test_tokens else {}
     captions = _eval_captions(path, model, image_pairs)
-    chat = _chat_reference(original, tokenizer) if original is not None else None
+    chat = _chat_reference(original_source, tokenizer) if original_source is not None else None
     result = {"size": size}
     if latency:
         result["latency"] = torch_latency(model, model.config.get_text_config().vocab_size)
@@ -459,12 +460,12 @@ def eval_cmd(
     out.print(f"perplexity: {result['perplexity']['perplexity']:.4f}")
 
 
-def _chat_reference(original: str, tokenizer):
+def _chat_reference(original, tokenizer):
     """The original model's greedy replies to the chat prompts (it is loaded, replies, and is let go)."""
     from hyperquant.evals.chat import ChatReference
-    from hyperquant.models import load_model, resolve_source
+    from hyperquant.models import load_model
 
-    reference_model, _ = load_model(resolve_source(original))
+    reference_model, _ = load_model(original)
     return ChatReference.from_model(reference_model, tokenizer)
 
 

@@ -67,6 +67,7 @@ def test_compress_eval_info(tiny_model_dir, tmp_path):
     result = run("eval", out, "--eval-tokens", 64, "--no-latency", "--original", tiny_model_dir)
     assert result.exit_code == 0, result.output
     assert "chat KL to the original" in result.output and "chat greedy agreement" in result.output
+    assert_one_line_error(run("eval", out, "--original", tmp_path / "no-such-model"), "no-such-model")
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
