@@ -27,7 +27,6 @@ import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -49,6 +48,8 @@ def default_test_tokens(validation_tokens: int) -> int:
     """Test tokens per domain when not given: 4x the validation tokens, so that a quick evaluation
     (``--eval-tokens 256``) is quick on the test set too."""
     return TEST_PER_VALIDATION * validation_tokens
+
+
 CHUNK_TOKENS = 2_048  # per document of a test domain
 
 _choosing: contextvars.ContextVar[str | None] = contextvars.ContextVar("hyperquant_choosing", default=None)
@@ -143,7 +144,7 @@ def _refuse_inside_selection(name: str) -> None:
         raise SelectionReadTestSet(f"{what} read the test set ({name}); selection may read validation text only")
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def other_roles_ngrams() -> frozenset[int]:
     """The word 13-grams of every text of the other roles: all Wikipedia articles (calibration, training
     and validation draw from them) and the Python language reference (validation). Teacher samples start

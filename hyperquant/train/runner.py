@@ -711,7 +711,7 @@ def _blockwise_rows(cfg: TrainConfig, train_ids: torch.Tensor, text_ids: torch.T
     the rows its steps read); fewer only when the text has no more, and then said."""
     fit = train_ids[: cfg.blockwise_samples]
     if len(fit) < cfg.blockwise_samples:
-        unread = text_ids[len(train_ids):] if len(text_ids) > len(train_ids) else text_ids[:0]
+        unread = text_ids[len(train_ids):]  # the text rows after those the steps read
         fit = torch.cat([fit, unread[: cfg.blockwise_samples - len(fit)]])
     if len(fit) < cfg.blockwise_samples:
         log.warning("block-wise stage: blockwise_samples=%d asked, the run has %d training rows: it fits on %d "
