@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hyperquant.textsets import TEST_DOMAINS
 from hyperquant.tradeoff.document import (
     BYTES,
     CHECK,
@@ -63,10 +64,10 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
+TEST_COLUMNS = tuple(TEST_DOMAINS)
 TABLE_HEADERS = ["frontier", "label", "family", "MB", "bits/weight", "FFN bits/weight", "params (M)",
-                 "MMACs/token", "val: Wikipedia", "val: Python docs", "test: dialogue", "test: drama", "test: code",
+                 "MMACs/token", "val: Wikipedia", "val: Python docs", *(f"test: {name}" for name in TEST_COLUMNS),
                  "prefill ms", "decode ms/token", "compress s"]
-TEST_COLUMNS = ("dialogue", "drama", "code")
 
 
 def _draw_figures(ok: list[Mapping[str, Any]], out_dir: Path, model: str, machine: str,
